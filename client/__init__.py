@@ -1,0 +1,1 @@
+"""sottovoce wire protocol, client library and CLI."""

@@ -1,0 +1,1 @@
+"""sottovoce daemon: owns the MLX models and serves the ZeroMQ socket."""

@@ -1,0 +1,87 @@
+"""Small interfaces between the daemon's logic and the models.
+
+The model thread calls these; everything crossing them is numpy arrays and plain Python values, so the logic can be
+tested with fakes and the real MLX path stays one obvious class per model (``mlx_whisper_backend``, ``mlx_lm_backend``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+ShouldStop = Callable[[], bool]
+"""Polled between decoding steps; True means the ask was cancelled and the backend should return early."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says how to get it (one line, no traceback)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptResult:
+    text: str
+    language: str | None
+    no_speech: bool
+    """True when nothing was said (silence or noise): the LLM is not called."""
+    segments: int = 0
+    """Number of kept (non-silent) Whisper segments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingSettings:
+    """The seed app's Whisper decoding, kept as is (see README)."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    compression_ratio_threshold: float = 2.4
+
+
+class Transcriber(Protocol):
+    name: str
+
+    def load(self) -> None:
+        """Load the weights (called once, on the model thread). Raises ModelLoadError."""
+
+    def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> TranscriptResult:
+        """16 kHz mono float32 PCM -> text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStep:
+    """One step of a streamed answer."""
+
+    text: str
+    """New text since the previous step (may be empty while a multi-byte character is incomplete)."""
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str | None = None
+    """None while generating; "stop" (end of turn), "length" (max_tokens) or "cancelled" on the last step."""
+    prompt_seconds: float = 0.0
+    """Time spent on the prompt (prefill), known from the first step on."""
+
+
+class ChatModel(Protocol):
+    name: str
+
+    def load(self) -> None:
+        """Load the weights and tokenizer (called once, on the model thread). Raises ModelLoadError."""
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        should_stop: ShouldStop,
+    ) -> Iterator[GenerationStep]:
+        """Apply the chat template and yield the answer as it is generated; the last step has a finish_reason."""

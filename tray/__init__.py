@@ -1,0 +1,1 @@
+"""sottovoce tray: pystray icon, microphone and global hotkey."""
