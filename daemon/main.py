@@ -1,0 +1,145 @@
+"""`sottovoce daemon`: load settings, take the endpoint lock, bind the socket, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from importlib import metadata
+
+from sottovoce.client import config, paths
+
+from .blas import preload_openblas
+from .lock import AlreadyRunningError, EndpointLock
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("daemon", help="run the daemon (owns the models, serves the socket)")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint (default: ipc socket in a private runtime dir)")
+    parser.add_argument("--whisper-model", help="Whisper model: store name, folder or hub id")
+    parser.add_argument("--llm-model", help="chat model: store name, folder or hub id")
+    parser.add_argument("--system-prompt", help="system prompt for the chat model")
+    parser.add_argument("--max-tokens", type=int, help="default cap on answer tokens")
+    parser.add_argument("--buffer-seconds", type=float, help="cap on one client's buffered audio")
+    parser.add_argument("--queue-depth", type=int, help="asks that may wait before `busy`")
+    parser.add_argument("--log-text", action="store_true", default=None, help="log transcripts and answers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(func=run)
+
+
+FLAG_KEYS = ("endpoint", "whisper_model", "llm_model", "system_prompt", "max_tokens", "buffer_seconds",
+             "queue_depth", "log_text")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Before anything imports mlx.core: the CPU wheel's bundled BLAS is ~30x slower than OpenBLAS.
+    preload_openblas()
+    try:
+        settings, _ = config.load({k: getattr(args, k, None) for k in FLAG_KEYS})
+    except config.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except (AlreadyRunningError, paths.UnsafeDirectoryError, EndpointError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+async def serve(settings: config.Settings) -> int:
+    import zmq
+    import zmq.asyncio
+
+    from .backends.factory import build_backends
+    from .server import Server
+    from .worker import ModelWorker
+
+    endpoint = settings.endpoint
+    _check_endpoint(endpoint)
+    runtime = paths.ensure_private_dir(paths.runtime_dir())
+    ipc = paths.ipc_path(endpoint)
+    if ipc is not None:
+        paths.ensure_private_dir(ipc.parent)
+    lock = EndpointLock.for_endpoint(endpoint, runtime)
+    lock.acquire()
+
+    transcriber, chat_model = build_backends(settings)
+    server = Server(
+        settings,
+        lambda emit: ModelWorker(
+            transcriber, chat_model, emit, queue_depth=settings.queue_depth, log_text=settings.log_text
+        ),
+        version=_version(),
+    )
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of vanishing silently
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    try:
+        if ipc is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ipc.unlink()  # stale socket of a dead daemon; the lock proves no live one owns it
+            old_umask = os.umask(0o077)  # the socket file is created owner-only
+            try:
+                sock.bind(endpoint)
+            finally:
+                os.umask(old_umask)
+        else:
+            sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        lock.release()
+        sock.close()
+        ctx.term()
+        raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    log.info("sottovoce %s listening on %s (pid %d)", _version(), endpoint, os.getpid())
+    try:
+        await server.serve(sock)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        if ipc is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ipc.unlink()
+        lock.release()
+        log.info("sottovoce daemon stopped")
+    return 0
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        return
+    if endpoint.startswith("tcp://"):
+        host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        if host in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on TCP loopback: any local user can connect to %s", endpoint)
+            return
+        raise EndpointError(f"refusing to listen on {endpoint}: TCP is allowed on loopback only")
+    raise EndpointError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sottovoce")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
