@@ -46,6 +46,12 @@ class Settings:
     max_message_bytes: int = _field(
         256 * 1024 * 1024, "ZMQ_MAXMSGSIZE: a larger frame drops the connection", lo=1024 * 1024
     )
+    whisper_keep_alive: float = _field(0.0, "unload Whisper after this many idle seconds (0 = never)", lo=0.0)
+    llm_keep_alive: float = _field(0.0, "unload the chat model after this many idle seconds (0 = never)", lo=0.0)
+    hotkey: str = _field("<ctrl>+<alt>+<space>", "tray push-to-talk key (hold to record, release to ask)")
+    toggle_hotkey: str | None = _field("<ctrl>+<alt>+t", "tray toggle key (press to start, press to stop)")
+    microphone: str | None = _field(None, "tray input device name (unset = the system default)")
+    preroll_seconds: float = _field(0.3, "tray: audio kept from before the key press", lo=0.0, hi=5.0)
     fp16: bool | None = _field(None, "half precision (unset = float32 on the CPU, float16 on Metal/CUDA)")
     log_text: bool = _field(False, "log transcripts and answers (off: logs carry only sizes and timings)")
 
