@@ -1,8 +1,8 @@
 """sottovoce wire protocol, client library and CLI.
 
-    from sottovoce.client import Client
-    with Client() as c:
-        print(c.ask("What is the capital of France?").answer)
+from sottovoce.client import Client
+with Client() as c:
+    print(c.ask("What is the capital of France?").answer)
 """
 
 from .client import Answer, Client

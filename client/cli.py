@@ -84,9 +84,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     audio = load_audio(args.audio) if args.audio else None
     options = {
-        k: v
-        for k in ("max_tokens", "temperature", "language", "system_prompt")
-        if (v := getattr(args, k)) is not None
+        k: v for k in ("max_tokens", "temperature", "language", "system_prompt") if (v := getattr(args, k)) is not None
     }
     out = sys.stdout
     streamed = False

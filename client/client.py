@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import config, paths
+from . import config, paths, security
 from . import protocol as p
 from .errors import DaemonUnavailable, RemoteError, Timeout, VersionMismatch, remote_error
 
@@ -78,6 +78,7 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        security.secure_client_socket(self._sock, self.endpoint)
         self._sock.connect(self.endpoint)
         self._open: dict[str, collections.deque[p.Message]] = {}
         """Replies received for requests still waiting, by request id."""

@@ -433,7 +433,7 @@ def decode(frames: Sequence[bytes], *, allowed: frozenset[str] | None = None) ->
     if bytes(marker) != MARKER:
         raise ProtocolError(
             ErrorCode.VERSION,
-            f"protocol {bytes(marker)[len(MARKER_PREFIX):32].decode(errors='replace')} is not supported; "
+            f"protocol {bytes(marker)[len(MARKER_PREFIX) : 32].decode(errors='replace')} is not supported; "
             f"this side speaks {PROTOCOL_VERSION}",
         )
     if len(rest) > 1:

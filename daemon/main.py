@@ -13,6 +13,7 @@ from importlib import metadata
 
 from sottovoce.client import config, paths
 
+from . import security
 from .blas import preload_openblas
 from .lock import AlreadyRunningError, EndpointLock
 
@@ -33,8 +34,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.set_defaults(func=run)
 
 
-FLAG_KEYS = ("endpoint", "whisper_model", "llm_model", "system_prompt", "max_tokens", "buffer_seconds",
-             "queue_depth", "log_text")
+FLAG_KEYS = (
+    "endpoint",
+    "whisper_model",
+    "llm_model",
+    "system_prompt",
+    "max_tokens",
+    "buffer_seconds",
+    "queue_depth",
+    "log_text",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(serve(settings))
-    except (AlreadyRunningError, paths.UnsafeDirectoryError, EndpointError) as exc:
+    except (
+        AlreadyRunningError,
+        paths.UnsafeDirectoryError,
+        EndpointError,
+        security.EndpointSecurityError,
+    ) as exc:
         log.error("%s", exc)
         return 1
 
@@ -70,7 +84,7 @@ async def serve(settings: config.Settings) -> int:
     from .worker import ModelWorker
 
     endpoint = settings.endpoint
-    _check_endpoint(endpoint)
+    security.check_endpoint(endpoint)
     runtime = paths.ensure_private_dir(paths.runtime_dir())
     ipc = paths.ipc_path(endpoint)
     if ipc is not None:
@@ -91,6 +105,7 @@ async def serve(settings: config.Settings) -> int:
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of vanishing silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    authenticator = security.secure_server_socket(sock, ctx, endpoint)
     try:
         if ipc is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -120,21 +135,11 @@ async def serve(settings: config.Settings) -> int:
         if ipc is not None:
             with contextlib.suppress(FileNotFoundError):
                 ipc.unlink()
+        if authenticator is not None:
+            authenticator.stop()
         lock.release()
         log.info("sottovoce daemon stopped")
     return 0
-
-
-def _check_endpoint(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        return
-    if endpoint.startswith("tcp://"):
-        host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-        if host in ("127.0.0.1", "localhost", "::1"):
-            log.warning("listening on TCP loopback: any local user can connect to %s", endpoint)
-            return
-        raise EndpointError(f"refusing to listen on {endpoint}: TCP is allowed on loopback only")
-    raise EndpointError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT")
 
 
 def _version() -> str:
@@ -142,4 +147,3 @@ def _version() -> str:
         return metadata.version("sottovoce")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-

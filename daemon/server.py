@@ -14,7 +14,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
 
@@ -79,7 +78,11 @@ class Server:
         while True:
             await asyncio.sleep(min(EXPIRY_PERIOD, self.settings.session_idle_seconds))
             for session in self.sessions.expire(self.settings.session_idle_seconds):
-                log.info("session %s expired after %.0f s idle", _label(session), self.settings.session_idle_seconds)
+                log.info(
+                    "session %s expired after %.0f s idle",
+                    _label(session),
+                    self.settings.session_idle_seconds,
+                )
 
     # ---- dispatch ----
     def handle(self, frames: list[bytes]) -> None:
@@ -138,14 +141,18 @@ class Server:
     def _on_ask(self, session: Session, msg: p.Ask) -> None:
         if session.active_ask is not None:
             raise p.ProtocolError(
-                p.ErrorCode.BUSY, f"this client's ask {session.active_ask} is still running; cancel it or wait", msg.id
+                p.ErrorCode.BUSY,
+                f"this client's ask {session.active_ask} is still running; cancel it or wait",
+                msg.id,
             )
         pcm = None
         if msg.text is None:
             pcm = session.take_audio()
             if pcm.size == 0:
                 raise p.ProtocolError(
-                    p.ErrorCode.NO_AUDIO, "ask has no text and no audio was sent before it (send `chunk`s)", msg.id
+                    p.ErrorCode.NO_AUDIO,
+                    "ask has no text and no audio was sent before it (send `chunk`s)",
+                    msg.id,
                 )
             if pcm.size < p.MIN_ASK_SAMPLES:
                 session.put_back(pcm)
@@ -256,4 +263,9 @@ def _label(session: Session) -> str:
 
 
 def _model_report(state: Any) -> dict[str, Any]:
-    return {"name": state.name, "loaded": state.loaded, "error": state.error, "load_seconds": state.load_seconds}
+    return {
+        "name": state.name,
+        "loaded": state.loaded,
+        "error": state.error,
+        "load_seconds": state.load_seconds,
+    }

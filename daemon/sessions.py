@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import soxr
-
 from sottovoce.client.protocol import SAMPLE_RATE, ErrorCode, ProtocolError
 
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 from sottovoce.client.protocol import (
     SAMPLE_RATE,
     AnswerChunk,
@@ -179,7 +178,10 @@ class ModelWorker:
             if result.no_speech:
                 # Nothing was said: never hand Whisper's silence hallucinations to the LLM.
                 seconds["total"] = time.perf_counter() - job.received
-                self._finish(job, Done(ref=job.ask_id, transcript="", no_speech=True, language=language, seconds=seconds))
+                self._finish(
+                    job,
+                    Done(ref=job.ask_id, transcript="", no_speech=True, language=language, seconds=seconds),
+                )
                 return
             if job.cancelled.is_set():
                 self._cancelled(job)

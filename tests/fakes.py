@@ -7,8 +7,13 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-
-from sottovoce.daemon.backends.base import ChatMessage, GenerationStep, ModelLoadError, ShouldStop, TranscriptResult
+from sottovoce.daemon.backends.base import (
+    ChatMessage,
+    GenerationStep,
+    ModelLoadError,
+    ShouldStop,
+    TranscriptResult,
+)
 
 
 class FakeTranscriber:

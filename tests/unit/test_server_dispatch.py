@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-
+from fakes import FakeChat, FakeTranscriber  # type: ignore[import-not-found]
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
 from sottovoce.daemon.server import Server
 from sottovoce.daemon.worker import ModelWorker
-
-from fakes import FakeChat, FakeTranscriber  # type: ignore[import-not-found]
 
 
 class RunningServer:
@@ -141,8 +139,7 @@ def test_voice_ask_uses_exactly_the_chunks_sent_before_it(client: RawClient, mod
     assert isinstance(err, p.Error) and err.code == p.ErrorCode.NO_AUDIO
 
 
-def test_sessions_keep_each_clients_audio_apart(daemon: RunningServer, models) -> None:
-    transcriber, _ = models
+def test_sessions_keep_each_clients_audio_apart(daemon: RunningServer) -> None:
     a, b = RawClient(daemon.endpoint), RawClient(daemon.endpoint)
     try:
         a.send(p.Chunk(pcm=speech(1.5, level=0.1)))
@@ -167,8 +164,7 @@ def test_silence_gives_no_speech_and_skips_the_llm(client: RawClient, models) ->
     assert chat.prompts == []
 
 
-def test_not_enough_audio_keeps_the_audio(client: RawClient, models) -> None:
-    transcriber, _ = models
+def test_not_enough_audio_keeps_the_audio(client: RawClient) -> None:
     client.send(p.Chunk(pcm=speech(0.5)))
     client.send(p.Ask())
     err = client.recv()
@@ -210,8 +206,14 @@ def test_buffer_cap_refuses_the_extra_chunk_and_keeps_the_rest(client: RawClient
         ([b"sottovoce/1", b'{"type":"done","id":"x"}'], p.ErrorCode.UNKNOWN_TYPE),
         ([b"sottovoce/1", b'{"type":"chunk","id":"x"}'], p.ErrorCode.BAD_REQUEST),
         ([b"sottovoce/1", b'{"type":"chunk","id":"x"}', b"\x00\x00\x80"], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.array([np.nan], "<f4").tobytes()], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.zeros(40_000, "<f4").tobytes()], p.ErrorCode.TOO_LARGE),
+        (
+            [b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.array([np.nan], "<f4").tobytes()],
+            p.ErrorCode.BAD_REQUEST,
+        ),
+        (
+            [b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.zeros(40_000, "<f4").tobytes()],
+            p.ErrorCode.TOO_LARGE,
+        ),
         ([b"sottovoce/1", b'{"type":"chunk","id":"x","rate":"fast"}', b"\0" * 8], p.ErrorCode.BAD_REQUEST),
         ([b"sottovoce/1", b'{"type":"ask","id":"x","max_tokens":-3}'], p.ErrorCode.BAD_REQUEST),
         ([b"sottovoce/1", b'{"type":"ask","id":"x","temperature":NaN}'], p.ErrorCode.BAD_REQUEST),
