@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from bad_frames import BAD_FRAMES  # type: ignore[import-not-found]
 from fakes import FakeChat, FakeTranscriber  # type: ignore[import-not-found]
+
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
 from sottovoce.daemon.server import Server
@@ -194,34 +196,7 @@ def test_buffer_cap_refuses_the_extra_chunk_and_keeps_the_rest(client: RawClient
     assert transcriber.calls == [int(1.9 * p.SAMPLE_RATE) * 2]
 
 
-@pytest.mark.parametrize(
-    ("frames", "code"),
-    [
-        ([b"sottovoce/1"], p.ErrorCode.BAD_REQUEST),
-        ([b"hello", b"{}"], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/2", b'{"type":"hello","id":"x"}'], p.ErrorCode.VERSION),
-        ([b"sottovoce/1", b"{not json"], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b"[1,2]"], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"sing","id":"x"}'], p.ErrorCode.UNKNOWN_TYPE),
-        ([b"sottovoce/1", b'{"type":"done","id":"x"}'], p.ErrorCode.UNKNOWN_TYPE),
-        ([b"sottovoce/1", b'{"type":"chunk","id":"x"}'], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"chunk","id":"x"}', b"\x00\x00\x80"], p.ErrorCode.BAD_REQUEST),
-        (
-            [b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.array([np.nan], "<f4").tobytes()],
-            p.ErrorCode.BAD_REQUEST,
-        ),
-        (
-            [b"sottovoce/1", b'{"type":"chunk","id":"x"}', np.zeros(40_000, "<f4").tobytes()],
-            p.ErrorCode.TOO_LARGE,
-        ),
-        ([b"sottovoce/1", b'{"type":"chunk","id":"x","rate":"fast"}', b"\0" * 8], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"ask","id":"x","max_tokens":-3}'], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"ask","id":"x","temperature":NaN}'], p.ErrorCode.BAD_REQUEST),
-        ([b"sottovoce/1", b'{"type":"ask","id":"x"}'], p.ErrorCode.NO_AUDIO),
-        ([b"sottovoce/1", b'{"type":"cancel","id":"x"}'], p.ErrorCode.NOTHING_TO_CANCEL),
-        ([b"sottovoce/1", b'{"type":"status","id":"x"}', b"extra"], p.ErrorCode.BAD_REQUEST),
-    ],
-)
+@pytest.mark.parametrize(("frames", "code"), BAD_FRAMES)
 def test_bad_input_gets_a_clear_error_and_the_daemon_keeps_serving(client: RawClient, frames, code) -> None:
     client.send_raw(*frames)
     err = client.recv()
