@@ -365,6 +365,19 @@ class Transcript(Message):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TranscriptChunk(Message):
+    """A stretch of the current recording that is already transcribed, sent while the person is still talking
+    (Wyoming's `transcript-chunk`). Unsolicited: ``ref`` is null; the ask's `transcript` has the final text."""
+
+    TYPE: ClassVar[str] = "transcript-chunk"
+    ref: str | None = None
+    text: str = ""
+    start: float = 0.0
+    """Seconds from the start of the recording (since the last `ask` or `reset`)."""
+    end: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AnswerChunk(Message):
     """A piece of the answer as the model produces it (when the ask has `stream: true`)."""
 

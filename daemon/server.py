@@ -14,15 +14,17 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
 
+from .segmenter import Segmenter
 from .sessions import Session, SessionTable
-from .worker import AskJob, ModelWorker
+from .worker import AskJob, ForgetJob, ModelWorker
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["text-ask", "voice-ask", "stream", "cancel", "reset", "resample"]
+CAPABILITIES = ["text-ask", "voice-ask", "stream", "cancel", "reset", "resample", "transcript-chunk"]
 EXPIRY_PERIOD = 5.0
 
 
@@ -39,6 +41,7 @@ class Server:
         self._stopping: asyncio.Event | None = None
         self._started = time.monotonic()
         self.worker: ModelWorker = worker_factory(self._emit_threadsafe)
+        self.segmenter = Segmenter(self.worker.submit) if settings.incremental else None
 
     # ---- lifecycle ----
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
@@ -47,6 +50,8 @@ class Server:
         self._socket = socket
         self._stopping = asyncio.Event()
         self.worker.start()
+        if self.segmenter is not None:
+            self.segmenter.start()
         expiry = asyncio.create_task(self._expire_sessions())
         receiver = asyncio.create_task(self._receive_forever())
         await self._stopping.wait()
@@ -57,6 +62,8 @@ class Server:
                 await task
         for job in self._jobs.values():
             job.cancelled.set()
+        if self.segmenter is not None:
+            await asyncio.to_thread(self.segmenter.stop)
         await asyncio.to_thread(self.worker.stop)
 
     def stop(self) -> None:
@@ -78,6 +85,7 @@ class Server:
         while True:
             await asyncio.sleep(min(EXPIRY_PERIOD, self.settings.session_idle_seconds))
             for session in self.sessions.expire(self.settings.session_idle_seconds):
+                self._forget(session.identity)
                 log.info(
                     "session %s expired after %.0f s idle",
                     _label(session),
@@ -136,7 +144,9 @@ class Server:
                 f"{self.settings.max_chunk_seconds:g} s cap; send smaller chunks",
                 msg.id,
             )
-        session.append(msg.pcm, msg.rate, ref=msg.id)
+        added = session.append(msg.pcm, msg.rate, ref=msg.id)
+        if self.segmenter is not None:
+            self.segmenter.audio(session.identity, session.utterance, added)
 
     def _on_ask(self, session: Session, msg: p.Ask) -> None:
         if session.active_ask is not None:
@@ -145,8 +155,17 @@ class Server:
                 f"this client's ask {session.active_ask} is still running; cancel it or wait",
                 msg.id,
             )
+        if len(self._jobs) > self.settings.queue_depth:  # one running, queue_depth waiting
+            raise p.ProtocolError(
+                p.ErrorCode.BUSY,
+                f"the daemon is busy ({self.settings.queue_depth} asks waiting); try again shortly",
+                msg.id,
+            )
         pcm = None
         if msg.text is None:
+            flushed = session.flush()
+            if self.segmenter is not None:
+                self.segmenter.audio(session.identity, session.utterance, flushed)
             pcm = session.take_audio()
             if pcm.size == 0:
                 raise p.ProtocolError(
@@ -174,16 +193,14 @@ class Server:
             stream=msg.stream,
             system_prompt=msg.system_prompt if msg.system_prompt is not None else settings.system_prompt,
             client_label=_label(session),
+            utterance=session.utterance,
         )
-        if not self.worker.submit(job):
-            if pcm is not None:
-                session.put_back(pcm)
-            raise p.ProtocolError(
-                p.ErrorCode.BUSY,
-                f"the daemon is busy ({self.settings.queue_depth} asks waiting); try again shortly"
-                + (" (audio kept)" if pcm is not None else ""),
-                msg.id,
-            )
+        if pcm is not None and self.segmenter is not None:
+            self.segmenter.ask(job)  # behind this recording's stretches
+        else:
+            self.worker.submit(job)
+        if pcm is not None:
+            session.utterance += 1
         session.active_ask = msg.id
         self._jobs[session.identity] = job
 
@@ -199,6 +216,9 @@ class Server:
         if job is not None:
             job.cancelled.set()
         dropped = session.clear()
+        session.utterance += 1
+        if self.segmenter is not None:
+            self.segmenter.drop(session.identity)
         self._send(session.identity, p.Ok(ref=msg.id, dropped_seconds=round(dropped, 3)))
 
     def _on_status(self, session: Session, msg: p.Status) -> None:
@@ -255,6 +275,12 @@ class Server:
             job.cancelled.set()
         if job is None:
             self.sessions.drop(identity)
+            self._forget(identity)
+
+    def _forget(self, identity: bytes) -> None:
+        if self.segmenter is not None:
+            self.segmenter.drop(identity)
+        self.worker.submit(ForgetJob(identity))
 
 
 def _label(session: Session) -> str:

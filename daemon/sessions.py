@@ -22,6 +22,8 @@ class Session:
     client_name: str | None = None
     active_ask: str | None = None
     """Id of this client's queued or running ask, cleared when its last reply is sent."""
+    utterance: int = 0
+    """Counts recordings: a new one starts after each voice ask and each reset."""
     _blocks: list[np.ndarray] = dataclasses.field(default_factory=list)
     _samples: int = 0
     _resampler: soxr.ResampleStream | None = None
@@ -35,8 +37,10 @@ class Session:
     def buffered_seconds(self) -> float:
         return self._samples / SAMPLE_RATE
 
-    def append(self, pcm: np.ndarray, rate: int, ref: str | None = None) -> None:
-        """Add a chunk (resampled to 16 kHz); refuse it whole if the buffer would pass its cap."""
+    def append(self, pcm: np.ndarray, rate: int, ref: str | None = None) -> np.ndarray:
+        """Add a chunk (resampled to 16 kHz); refuse it whole if the buffer would pass its cap.
+
+        Returns the 16 kHz audio added (a resampler holds a few samples back until `flush`)."""
         # Check the cap before touching the resampler, so a refused chunk changes nothing.
         expected = int(np.ceil(pcm.size * SAMPLE_RATE / rate))
         if self._samples + expected > self.max_samples:
@@ -46,35 +50,41 @@ class Session:
                 f"{self.buffered_seconds:.1f} s buffered); chunk refused, buffered audio kept — send `ask` or `reset`",
                 ref,
             )
+        added = []
         if rate != SAMPLE_RATE:
             pcm = self._resample(pcm, rate)
         elif self._resampler is not None:
-            self._flush_resampler()
+            added.append(self.flush())
         if pcm.size:
-            self._blocks.append(np.array(pcm, dtype=np.float32, copy=True))
-            self._samples += pcm.size
+            block = np.array(pcm, dtype=np.float32, copy=True)
+            self._blocks.append(block)
+            self._samples += block.size
+            added.append(block)
+        return np.concatenate(added) if len(added) > 1 else (added[0] if added else np.zeros(0, np.float32))
 
     def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
         # A stream resampler keeps its filter state between chunks: resampling each chunk alone would click.
         if self._resampler is not None and self._resampler_rate != rate:
-            self._flush_resampler()
+            self.flush()
         if self._resampler is None:
             self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
             self._resampler_rate = rate
         return self._resampler.resample_chunk(np.ascontiguousarray(pcm, dtype=np.float32))
 
-    def _flush_resampler(self) -> None:
+    def flush(self) -> np.ndarray:
+        """Buffer what the resampler still holds (call before taking the audio); returns it."""
         if self._resampler is None:
-            return
-        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            return np.zeros(0, np.float32)
+        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True).astype(np.float32)
         self._resampler = None
         if tail.size:
-            self._blocks.append(tail.astype(np.float32))
+            self._blocks.append(tail)
             self._samples += tail.size
+        return tail
 
     def take_audio(self) -> np.ndarray:
         """Hand the buffered audio to an ask and start a fresh buffer."""
-        self._flush_resampler()
+        self.flush()
         pcm = np.concatenate(self._blocks) if self._blocks else np.zeros(0, np.float32)
         self._blocks, self._samples = [], 0
         return pcm

@@ -1,8 +1,11 @@
 """The model thread: the one thread that loads and runs every MLX model (MLX streams belong to their thread).
 
-Asks come in through a bounded ``queue.Queue``; replies go out through ``emit``, which the server makes thread-safe
-(``loop.call_soon_threadsafe``). A cancel flag is checked between tokens. Exceptions become error replies; the
-thread itself never dies on a bad ask.
+Jobs come in through a ``queue.Queue`` (the server bounds how many asks may wait); replies go out through
+``emit``, which the server makes thread-safe (``loop.call_soon_threadsafe``). A cancel flag is checked between
+tokens. Exceptions become error replies; the thread itself never dies on a bad ask.
+
+Voice asks come two ways: the seed's (the whole recording transcribed after the ask) and the incremental one
+(stretches transcribed while the person talks, see ``segmenter``; at the ask only the tail is left).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from sottovoce.client.protocol import (
     SAMPLE_RATE,
     AnswerChunk,
@@ -23,9 +27,11 @@ from sottovoce.client.protocol import (
     ErrorCode,
     Message,
     Transcript,
+    TranscriptChunk,
 )
 
-from .backends.base import ChatMessage, ChatModel, ModelLoadError, Transcriber
+from .backends.base import ChatMessage, ChatModel, ModelLoadError, Transcriber, TranscriptResult
+from .textguard import cut_repetitions
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +45,50 @@ class AskJob:
     ask_id: str
     text: str | None
     pcm: np.ndarray | None
+    """The whole recording (voice asks); used as is unless the segmenter made the ask incremental."""
     max_tokens: int
     temperature: float
     language: str | None
     stream: bool
     system_prompt: str
     client_label: str = "?"
+    utterance: int = 0
+    incremental: bool = False
+    speech: bool = True
+    """Incremental asks: False when the voice activity detector heard no speech at all."""
+    tail: np.ndarray | None = None
+    """Incremental asks: the audio after the last stretch cut, if it holds speech."""
+    tail_start: int = 0
     received: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class StretchJob:
+    """A finished stretch of speech to transcribe before the ask comes."""
+
+    identity: bytes
+    utterance: int
+    start: int
+    end: int
+    pcm: np.ndarray
+
+
+@dataclasses.dataclass
+class ForgetJob:
+    """The client went away: drop its early transcripts."""
+
+    identity: bytes
+
+
+@dataclasses.dataclass
+class _Early:
+    """Stretches of one utterance transcribed before its ask."""
+
+    utterance: int
+    texts: list[str] = dataclasses.field(default_factory=list)
+    language: str | None = None
+    seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -59,6 +101,9 @@ class ModelState:
     load_seconds: float | None = None
 
 
+Job = AskJob | StretchJob | ForgetJob | None
+
+
 class ModelWorker:
     def __init__(
         self,
@@ -66,44 +111,32 @@ class ModelWorker:
         chat_model: ChatModel,
         emit: Emit,
         *,
-        queue_depth: int,
         log_text: bool = False,
     ) -> None:
         self._transcriber = transcriber
         self._chat = chat_model
         self._emit = emit
         self._log_text = log_text
-        self._queue: queue.Queue[AskJob | None] = queue.Queue(maxsize=queue_depth)
+        self._queue: queue.Queue[Job] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sottovoce-models", daemon=True)
+        self._early: dict[bytes, _Early] = {}
         self.whisper = ModelState(transcriber.name)
         self.llm = ModelState(chat_model.name)
         self.ready = threading.Event()
         self.asks_served = 0
 
-    # ---- called from the IO thread ----
+    # ---- called from other threads ----
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: AskJob) -> bool:
-        """Queue an ask; False when the queue is full (the caller answers `busy`)."""
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
+    def submit(self, job: AskJob | StretchJob | ForgetJob) -> None:
+        self._queue.put(job)
 
     def pending(self) -> int:
         return self._queue.qsize()
 
     def stop(self, timeout: float = 5.0) -> None:
-        # Unblock a full queue: the worker drains jobs as cancelled until it reaches the sentinel.
-        while True:
-            try:
-                self._queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                if not self._thread.is_alive():
-                    return
+        self._queue.put(None)
         self._thread.join(timeout)
 
     # ---- the model thread ----
@@ -116,12 +149,21 @@ class ModelWorker:
             if job is None:
                 self._drain_as_cancelled()
                 return
+            if isinstance(job, ForgetJob):
+                self._early.pop(job.identity, None)
+                continue
             try:
-                self._serve(job)
+                if isinstance(job, StretchJob):
+                    self._transcribe_stretch(job)
+                else:
+                    self._serve(job)
             except Exception as exc:  # a bug or a model failure must not kill the thread
-                log.exception("ask %s failed", job.ask_id)
-                code = ErrorCode.MODEL_ERROR if _is_model_failure(exc) else ErrorCode.INTERNAL
-                self._emit(job.identity, Error(ref=job.ask_id, code=code, text=f"{type(exc).__name__}: {exc}"), True)
+                log.exception("job for %s failed", job.identity.hex())
+                if isinstance(job, AskJob):
+                    self._early.pop(job.identity, None)
+                    code = ErrorCode.MODEL_ERROR if _is_model_failure(exc) else ErrorCode.INTERNAL
+                    error = Error(ref=job.ask_id, code=code, text=f"{type(exc).__name__}: {exc}")
+                    self._emit(job.identity, error, True)
 
     def _drain_as_cancelled(self) -> None:
         while True:
@@ -129,7 +171,7 @@ class ModelWorker:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not None:
+            if isinstance(job, AskJob):
                 self._cancelled(job)
 
     def _load(self, model: Transcriber | ChatModel, state: ModelState) -> None:
@@ -148,8 +190,54 @@ class ModelWorker:
         state.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.1f s", state.name, state.load_seconds)
 
+    # ---- transcription ----
+    def _transcribe(self, pcm: np.ndarray, language: str | None) -> TranscriptResult:
+        result = self._transcriber.transcribe(pcm, language=language)
+        text = cut_repetitions(result.text)
+        return dataclasses.replace(result, text=text, no_speech=result.no_speech or not text)
+
+    def _transcribe_stretch(self, job: StretchJob) -> None:
+        early = self._early.get(job.identity)
+        if early is None or early.utterance != job.utterance:
+            early = self._early[job.identity] = _Early(job.utterance)
+        if not self.whisper.loaded:
+            return  # the ask will report the model error
+        started = time.perf_counter()
+        result = self._transcribe(job.pcm, None)
+        early.seconds += time.perf_counter() - started
+        if result.no_speech:
+            return
+        early.texts.append(result.text)
+        early.language = early.language or result.language
+        chunk = TranscriptChunk(text=result.text, start=job.start / SAMPLE_RATE, end=job.end / SAMPLE_RATE)
+        self._emit(job.identity, chunk, False)
+
+    def _transcribe_ask(self, job: AskJob, seconds: dict[str, float]) -> TranscriptResult:
+        """The ask's transcript: the whole recording (seed design), or early stretches + the tail (incremental)."""
+        assert job.pcm is not None
+        started = time.perf_counter()
+        if not job.incremental:
+            result = self._transcribe(job.pcm, job.language)
+            seconds["transcribe"] = time.perf_counter() - started
+            return result
+        early = self._early.pop(job.identity, None)
+        texts = list(early.texts) if early is not None and early.utterance == job.utterance else []
+        language = early.language if early is not None else None
+        if job.speech and job.tail is not None:
+            tail = self._transcribe(job.tail, job.language or language)
+            if not tail.no_speech:
+                texts.append(tail.text)
+                language = language or tail.language
+        seconds["transcribe"] = time.perf_counter() - started
+        if early is not None:
+            seconds["transcribe_early"] = early.seconds
+        text = " ".join(texts).strip()
+        return TranscriptResult(text, language or job.language, not text, len(texts))
+
+    # ---- asks ----
     def _serve(self, job: AskJob) -> None:
         if job.cancelled.is_set():
+            self._early.pop(job.identity, None)
             self._cancelled(job)
             return
         seconds: dict[str, float] = {"queued": time.perf_counter() - job.received}
@@ -157,31 +245,25 @@ class ModelWorker:
         language = job.language
         if job.pcm is not None:
             if not self.whisper.loaded:
+                self._early.pop(job.identity, None)
                 self._model_unavailable(job, self.whisper)
                 return
-            started = time.perf_counter()
-            result = self._transcriber.transcribe(job.pcm, language=job.language)
-            seconds["transcribe"] = time.perf_counter() - started
+            result = self._transcribe_ask(job, seconds)
             transcript, language = result.text, result.language
             audio_seconds = job.pcm.size / SAMPLE_RATE
-            self._emit(
-                job.identity,
-                Transcript(
-                    ref=job.ask_id,
-                    text=result.text,
-                    language=result.language,
-                    no_speech=result.no_speech,
-                    audio_seconds=audio_seconds,
-                ),
-                False,
+            heard = Transcript(
+                ref=job.ask_id,
+                text=result.text,
+                language=result.language,
+                no_speech=result.no_speech,
+                audio_seconds=audio_seconds,
             )
+            self._emit(job.identity, heard, False)
             if result.no_speech:
                 # Nothing was said: never hand Whisper's silence hallucinations to the LLM.
                 seconds["total"] = time.perf_counter() - job.received
-                self._finish(
-                    job,
-                    Done(ref=job.ask_id, transcript="", no_speech=True, language=language, seconds=seconds),
-                )
+                done = Done(ref=job.ask_id, transcript="", no_speech=True, language=language, seconds=_round(seconds))
+                self._finish(job, done)
                 return
             if job.cancelled.is_set():
                 self._cancelled(job)
@@ -213,19 +295,17 @@ class ModelWorker:
         seconds["generate"] = now - started
         seconds["total"] = now - job.received
         self.asks_served += 1
-        self._finish(
-            job,
-            Done(
-                ref=job.ask_id,
-                transcript=transcript,
-                answer="".join(parts),
-                language=language,
-                prompt_tokens=step.prompt_tokens,
-                tokens=step.generated_tokens,
-                finish_reason=step.finish_reason,
-                seconds={k: round(v, 4) for k, v in seconds.items()},
-            ),
+        done = Done(
+            ref=job.ask_id,
+            transcript=transcript,
+            answer="".join(parts),
+            language=language,
+            prompt_tokens=step.prompt_tokens,
+            tokens=step.generated_tokens,
+            finish_reason=step.finish_reason,
+            seconds=_round(seconds),
         )
+        self._finish(job, done)
 
     def _finish(self, job: AskJob, done: Done) -> None:
         audio = f"{job.pcm.size / SAMPLE_RATE:.1f}s audio" if job.pcm is not None else "text"
@@ -248,6 +328,10 @@ class ModelWorker:
     def _model_unavailable(self, job: AskJob, state: ModelState) -> None:
         text = f"{state.name} is not loaded: {state.error or 'still loading'}"
         self._emit(job.identity, Error(ref=job.ask_id, code=ErrorCode.MODEL_ERROR, text=text), True)
+
+
+def _round(seconds: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in seconds.items()}
 
 
 def _is_model_failure(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
 from sottovoce.daemon.backends.base import (
     ChatMessage,
     GenerationStep,
@@ -25,13 +26,17 @@ class FakeTranscriber:
         self.fail_load = fail_load
         self.delay = delay
         self.calls: list[int] = []
+        self.prompts: list[str | None] = []
 
     def load(self) -> None:
         if self.fail_load:
             raise ModelLoadError(self.fail_load)
 
-    def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> TranscriptResult:
+    def transcribe(
+        self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None
+    ) -> TranscriptResult:
         self.calls.append(pcm.size)
+        self.prompts.append(prompt)
         time.sleep(self.delay)
         rms = float(np.sqrt(np.mean(np.square(pcm)))) if pcm.size else 0.0
         if rms < 1e-4:
@@ -48,14 +53,26 @@ class FakeChat:
         self.token_delay = token_delay
         self.gate = gate
         self.prompts: list[list[ChatMessage]] = []
+        self.cache_keys: list[str | None] = []
+        self.forgotten: list[str] = []
+
+    def forget(self, cache_key: str) -> None:
+        self.forgotten.append(cache_key)
 
     def load(self) -> None:
         pass
 
     def stream(
-        self, messages: Sequence[ChatMessage], *, max_tokens: int, temperature: float, should_stop: ShouldStop
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        should_stop: ShouldStop,
+        cache_key: str | None = None,
     ) -> Iterator[GenerationStep]:
         self.prompts.append(list(messages))
+        self.cache_keys.append(cache_key)
         words = f"you said: {messages[-1].content}".split()
         prompt_tokens = sum(len(m.content.split()) for m in messages)
         for n, word in enumerate(words[:max_tokens], start=1):

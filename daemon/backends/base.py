@@ -46,8 +46,11 @@ class Transcriber(Protocol):
     def load(self) -> None:
         """Load the weights (called once, on the model thread). Raises ModelLoadError."""
 
-    def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> TranscriptResult:
-        """16 kHz mono float32 PCM -> text."""
+    def transcribe(
+        self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None
+    ) -> TranscriptResult:
+        """16 kHz mono float32 PCM -> text. ``prompt``: text said just before (Whisper's initial_prompt), so a
+        recording transcribed stretch by stretch keeps its context."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,8 @@ class GenerationStep:
     """None while generating; "stop" (end of turn), "length" (max_tokens) or "cancelled" on the last step."""
     prompt_seconds: float = 0.0
     """Time spent on the prompt (prefill), known from the first step on."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache was reused (not prefilled again)."""
 
 
 class ChatModel(Protocol):
@@ -83,5 +88,12 @@ class ChatModel(Protocol):
         max_tokens: int,
         temperature: float,
         should_stop: ShouldStop,
+        cache_key: str | None = None,
     ) -> Iterator[GenerationStep]:
-        """Apply the chat template and yield the answer as it is generated; the last step has a finish_reason."""
+        """Apply the chat template and yield the answer as it is generated; the last step has a finish_reason.
+
+        With ``cache_key`` (one per conversation), the KV cache of this prompt and answer is kept, and the next call
+        with the same key prefills only the tokens after the longest prefix it shares with them."""
+
+    def forget(self, cache_key: str) -> None:
+        """Drop the KV cache kept for ``cache_key`` (the client reset or went away)."""

@@ -2,86 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
 from bad_frames import BAD_FRAMES  # type: ignore[import-not-found]
 from fakes import FakeChat, FakeTranscriber  # type: ignore[import-not-found]
+from inproc import RawClient, RunningServer  # type: ignore[import-not-found]
 
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
-from sottovoce.daemon.server import Server
-from sottovoce.daemon.worker import ModelWorker
-
-
-class RunningServer:
-    def __init__(self, endpoint: str, settings: Settings, transcriber: FakeTranscriber, chat: FakeChat) -> None:
-        self.endpoint = endpoint
-        self.server = Server(
-            settings,
-            lambda emit: ModelWorker(transcriber, chat, emit, queue_depth=settings.queue_depth),
-            version="test",
-        )
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-        self._bound = threading.Event()
-
-    async def _main(self) -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        self._loop = asyncio.get_running_loop()
-        self._bound.set()
-        try:
-            await self.server.serve(sock)
-        finally:
-            sock.close()
-            ctx.term()
-
-    def __enter__(self) -> RunningServer:
-        self._thread.start()
-        assert self._bound.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self.server.stop)
-        self._thread.join(10)
-
-
-class RawClient:
-    """A bare DEALER speaking frames, to send what the client library never would."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, msg: p.Message) -> str:
-        self.sock.send_multipart(p.encode(msg))
-        return msg.id
-
-    def send_raw(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def recv(self, timeout: float = 5.0) -> p.Message:
-        assert self.sock.poll(int(timeout * 1000)), "no reply from the daemon"
-        return p.decode(self.sock.recv_multipart())
-
-    def until_done(self, timeout: float = 5.0) -> list[p.Message]:
-        replies = [self.recv(timeout)]
-        while not isinstance(replies[-1], p.Done | p.Error):
-            replies.append(self.recv(timeout))
-        return replies
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -96,7 +28,9 @@ def models() -> tuple[FakeTranscriber, FakeChat]:
 
 @pytest.fixture
 def daemon(endpoint: str, models: tuple[FakeTranscriber, FakeChat]):
-    settings = Settings(endpoint=endpoint, buffer_seconds=5.0, max_chunk_seconds=2.0, queue_depth=2)
+    # The seed design's whole-recording path (the fake Whisper hears tones; the incremental path is tested
+    # with real speech in test_incremental.py).
+    settings = Settings(endpoint=endpoint, buffer_seconds=5.0, max_chunk_seconds=2.0, queue_depth=2, incremental=False)
     with RunningServer(endpoint, settings, *models) as running:
         yield running
 

@@ -1,0 +1,188 @@
+"""Whisper on MLX (mlx-whisper), behind the ``Transcriber`` interface.
+
+Decoding is the seed app's: mlx_whisper's 30 s windows, temperature fallback, log-prob / no-speech / compression
+thresholds, and silent segments skipped. Added here: an energy gate before Whisper (silence and faint noise never
+reach the model: on them Whisper loops or hallucinates for seconds) and an explicit no-speech result after it.
+
+mlx / mlx_whisper are imported lazily so that importing this module never loads ``mlx.core`` before
+``preload_openblas()`` ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import DecodingSettings, ModelLoadError, TranscriptResult
+from .device import compute_dtype, prefers_half_precision
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+FRAME_SECONDS = 0.030
+MIN_SPEECH_DBFS = -50.0
+"""Quietest 30 ms frame RMS (dBFS, 0 = full-scale square wave) that can be speech. Speech at a desk microphone peaks
+around -30..-10 dBFS; a quiet room's noise floor sits near -60 dBFS or lower."""
+
+
+def loudest_frame_dbfs(
+    pcm: np.ndarray, *, sample_rate: int = SAMPLE_RATE, frame_seconds: float = FRAME_SECONDS
+) -> float:
+    """RMS level in dBFS of the loudest ``frame_seconds`` frame of ``pcm``; ``-inf`` for digital silence or no audio."""
+    samples = np.asarray(pcm, dtype=np.float64).reshape(-1)
+    if samples.size == 0:
+        return float("-inf")
+    frame = max(1, round(sample_rate * frame_seconds))
+    padded = np.pad(samples, (0, -samples.size % frame))  # a short tail frame reads a little quieter: harmless
+    rms = np.sqrt(np.mean(np.square(padded.reshape(-1, frame)), axis=1))
+    loudest = float(np.max(rms))
+    if not np.isfinite(loudest) or loudest <= 0.0:
+        return float("-inf")
+    return 20.0 * float(np.log10(loudest))
+
+
+def _has_words(text: str) -> bool:
+    """False for "", "...", "♪" and the like: nothing a person said."""
+    return any(ch.isalnum() for ch in text)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _cast_floats(model: nn.Module, dtype: Any) -> None:
+    """Cast floating parameters (weights, quantization scales) to ``dtype``; keep packed integer weights.
+
+    mlx_whisper's loader keeps the file's dtype (mlx-community checkpoints are float16), which is ~7x slower on the
+    CPU than float32.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    def cast(p: mx.array) -> mx.array:
+        return p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p
+
+    model.update(tree_map(cast, model.parameters()))
+    mx.eval(model.parameters())
+
+
+class MlxWhisperTranscriber:
+    """One mlx-whisper model folder (``config.json`` + ``weights.safetensors``); load and run on the model thread."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        decoding: DecodingSettings = DecodingSettings(),  # noqa: B008 - frozen dataclass, safe to share
+        fp16: bool | None = None,
+        min_speech_dbfs: float | None = MIN_SPEECH_DBFS,
+    ) -> None:
+        """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off."""
+        self.path = Path(model)
+        self.name = self.path.name or str(model)
+        self.decoding = decoding
+        self.fp16 = fp16
+        self.min_speech_dbfs = min_speech_dbfs
+        self._model: Any = None
+
+    def load(self) -> None:
+        config = self.path / "config.json"
+        if not config.is_file():
+            # mlx_whisper would treat a missing folder as a Hugging Face repo id and try to download it.
+            raise ModelLoadError(
+                f"Whisper model not found: {self.path} has no config.json "
+                "(run `sottovoce models fetch-defaults` or pass --whisper-model DIR)"
+            )
+        from mlx_whisper.load_models import load_model
+
+        if self.fp16 is None:
+            self.fp16 = prefers_half_precision()
+        dtype = compute_dtype(self.fp16)
+        started = time.perf_counter()
+        try:
+            model = load_model(str(self.path), dtype=dtype)
+            _cast_floats(model, dtype)
+            self._model = model
+            loaded = time.perf_counter()
+            # Warm-up: first calls allocate and build kernels. One short greedy pass is enough (sample_len caps it).
+            self._run(np.zeros(SAMPLE_RATE, dtype=np.float32), None, temperature=(0.0,), sample_len=8)
+            self._warm_fallback_sampling()
+        except Exception as exc:
+            self._model = None
+            raise ModelLoadError(f"cannot load Whisper model from {self.path}: {_one_line(exc)}") from exc
+        logger.debug(
+            "loaded Whisper %s (fp16=%s) in %.2f s, warm-up %.2f s",
+            self.name,
+            self.fp16,
+            loaded - started,
+            time.perf_counter() - loaded,
+        )
+
+    def _warm_fallback_sampling(self) -> None:
+        """Build the sampling kernel of every fallback temperature now rather than on the first hard utterance.
+
+        MLX's CPU backend compiles fused kernels with the system C++ compiler, and mlx_whisper's compiled
+        ``categorical(logits, temp)`` bakes each Python-float temperature into its own kernel: ~1-3 s per temperature
+        the first time on this 2-core box. Kernels are cached on disk ($TMPDIR/mlx/<version>/cpu), so once they exist
+        this costs milliseconds.
+        """
+        import mlx.core as mx
+        from mlx_whisper.decoding import categorical
+
+        logits = mx.zeros((1, self._model.dims.n_vocab), dtype=mx.float32)  # decoding's logits are float32
+        for temperature in self.decoding.temperatures:
+            if temperature > 0:
+                mx.eval(categorical(logits, temperature))
+
+    def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> TranscriptResult:
+        if self._model is None:
+            raise RuntimeError("MlxWhisperTranscriber.transcribe() called before load()")
+        audio = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        language = language or None
+        if self.min_speech_dbfs is not None:
+            level = loudest_frame_dbfs(audio)
+            if level < self.min_speech_dbfs:
+                logger.debug("no speech: loudest frame %.1f dBFS < %.1f; Whisper not run", level, self.min_speech_dbfs)
+                return TranscriptResult("", language, True, 0)
+        raw = self._run(audio, language, temperature=self.decoding.temperatures)
+        return self._result(raw, language)
+
+    def _run(self, audio: np.ndarray, language: str | None, **options: Any) -> dict[str, Any]:
+        import mlx_whisper
+        from mlx_whisper.transcribe import ModelHolder
+
+        # mlx_whisper.transcribe() fetches its model from a per-process cache keyed by path only: point the cache
+        # at our (cast, warmed) model so it neither reloads from disk nor runs another transcriber's model.
+        ModelHolder.model = self._model
+        ModelHolder.model_path = str(self.path)
+        result: dict[str, Any] = mlx_whisper.transcribe(
+            audio,
+            path_or_hf_repo=str(self.path),
+            verbose=None,  # False would draw a tqdm bar
+            fp16=bool(self.fp16),
+            logprob_threshold=self.decoding.logprob_threshold,
+            no_speech_threshold=self.decoding.no_speech_threshold,
+            compression_ratio_threshold=self.decoding.compression_ratio_threshold,
+            language=language,
+            **options,
+        )
+        return result
+
+    @staticmethod
+    def _result(raw: dict[str, Any], language: str | None) -> TranscriptResult:
+        # mlx_whisper already dropped windows judged silent; it blanks instantaneous or empty segments.
+        kept = [s for s in raw.get("segments", []) if str(s.get("text", "")).strip()]
+        text = str(raw.get("text", "")).strip()
+        detected = raw.get("language") or language
+        if not kept or not _has_words(text):
+            return TranscriptResult("", detected, True, 0)
+        return TranscriptResult(text, detected, False, len(kept))

@@ -1,0 +1,371 @@
+"""The real MLX backends on tiny offline models (see tests/tiny_models.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_whisper")
+pytest.importorskip("mlx_lm")
+
+import mlx.core as mx
+import mlx_lm
+import mlx_whisper
+
+from sottovoce.daemon.backends.base import (
+    ChatMessage,
+    DecodingSettings,
+    GenerationStep,
+    ModelLoadError,
+    TranscriptResult,
+)
+from sottovoce.daemon.backends.device import compute_dtype, prefers_half_precision
+from sottovoce.daemon.backends.mlx_lm_backend import MlxChatModel
+from sottovoce.daemon.backends.mlx_whisper_backend import (
+    MlxWhisperTranscriber,
+    loudest_frame_dbfs,
+)
+
+SR = 16_000
+
+
+def noise(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    """White noise whose RMS is ``dbfs``."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * SR)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- device
+
+
+def test_cpu_prefers_float32() -> None:
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert prefers_half_precision() is (not on_cpu)
+    assert compute_dtype() == (mx.float32 if on_cpu else mx.float16)
+    assert compute_dtype(True) == mx.float16 and compute_dtype(False) == mx.float32
+
+
+# ---------------------------------------------------------------------------------------------------- whisper
+
+
+@pytest.fixture(scope="module")
+def transcriber(tiny_whisper_dir: Path) -> MlxWhisperTranscriber:
+    t = MlxWhisperTranscriber(str(tiny_whisper_dir))
+    t.load()
+    return t
+
+
+class CountingTranscribe:
+    """Wraps mlx_whisper.transcribe to count calls and keep the keyword arguments; optionally fakes the output."""
+
+    def __init__(self, fake: dict[str, Any] | None = None) -> None:
+        self.real = mlx_whisper.transcribe
+        self.fake = fake
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, audio: Any, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(kwargs)
+        return self.fake if self.fake is not None else self.real(audio, **kwargs)
+
+
+def test_loudest_frame_dbfs() -> None:
+    assert loudest_frame_dbfs(np.ones(SR, np.float32)) == pytest.approx(0.0)
+    sine = 0.1 * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)
+    assert loudest_frame_dbfs(sine) == pytest.approx(-23.01, abs=0.05)  # 20*log10(0.1/sqrt(2))
+    assert loudest_frame_dbfs(np.zeros(SR, np.float32)) == float("-inf")
+    assert loudest_frame_dbfs(np.zeros(0, np.float32)) == float("-inf")
+    # One loud 30 ms burst in a second of silence is found: the level is per frame, not over the whole clip.
+    burst = np.zeros(SR, np.float32)
+    burst[8000:8480] = 0.1
+    assert loudest_frame_dbfs(burst) > -25
+    assert loudest_frame_dbfs(noise(1.0, -70)) == pytest.approx(-70, abs=1.5)
+
+
+def test_transcribes_speech_level_audio(transcriber: MlxWhisperTranscriber, tiny_whisper_dir: Path) -> None:
+    started = time.perf_counter()
+    result = transcriber.transcribe(noise(2.0, -20))
+    elapsed = time.perf_counter() - started
+
+    assert isinstance(result, TranscriptResult)
+    assert result == TranscriptResult("hello world", "en", False, 1)  # english-only model: language "en"
+    assert elapsed < 5.0, elapsed
+
+
+def test_weights_cast_to_the_compute_dtype(transcriber: MlxWhisperTranscriber, tiny_whisper_dir: Path) -> None:
+    on_disk: Any = mx.load(str(tiny_whisper_dir / "weights.safetensors"))
+    assert on_disk["decoder.token_embedding.weight"].dtype == mx.float16  # as in mlx-community checkpoints
+    loaded = transcriber._model.decoder.token_embedding.weight.dtype
+    assert loaded == (mx.float16 if prefers_half_precision() else mx.float32)
+    assert transcriber.fp16 is prefers_half_precision()
+
+
+@pytest.mark.parametrize(
+    "pcm",
+    [np.zeros(2 * SR, np.float32), noise(2.0, -70), noise(0.0, -20)],
+    ids=["digital-silence", "noise-70dBFS", "empty"],
+)
+def test_silence_is_no_speech_without_running_whisper(
+    transcriber: MlxWhisperTranscriber, monkeypatch: pytest.MonkeyPatch, pcm: np.ndarray
+) -> None:
+    counter = CountingTranscribe()
+    monkeypatch.setattr(mlx_whisper, "transcribe", counter)
+
+    result = transcriber.transcribe(pcm, language="de")
+
+    assert result == TranscriptResult("", "de", True, 0)
+    assert counter.calls == []
+    # The same counter does see a call for speech-level audio.
+    assert transcriber.transcribe(noise(1.0, -30)).no_speech is False
+    assert len(counter.calls) == 1
+
+
+def test_passes_the_seed_decoding_settings(tiny_whisper_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = DecodingSettings(temperatures=(0.0, 0.5), logprob_threshold=-0.5, no_speech_threshold=0.3)
+    t = MlxWhisperTranscriber(str(tiny_whisper_dir), decoding=settings, fp16=False)
+    t.load()
+    counter = CountingTranscribe(fake={"text": " Hallo.", "segments": [{"text": " Hallo."}], "language": "de"})
+    monkeypatch.setattr(mlx_whisper, "transcribe", counter)
+
+    assert t.transcribe(noise(1.0, -20), language="de") == TranscriptResult("Hallo.", "de", False, 1)
+    (kwargs,) = counter.calls
+    assert kwargs["path_or_hf_repo"] == str(tiny_whisper_dir)
+    assert kwargs["verbose"] is None
+    assert kwargs["fp16"] is False
+    assert kwargs["temperature"] == (0.0, 0.5)
+    assert kwargs["logprob_threshold"] == -0.5
+    assert kwargs["no_speech_threshold"] == 0.3
+    assert kwargs["compression_ratio_threshold"] == 2.4
+    assert kwargs["language"] == "de"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"text": "", "segments": [], "language": "en"},  # every window skipped as silent
+        {"text": " ...", "segments": [{"text": " ..."}], "language": "en"},  # noise decoded as dots
+        {"text": " ♪", "segments": [{"text": " ♪"}], "language": "en"},
+        {"text": "", "segments": [{"text": ""}, {"text": "  "}], "language": "en"},  # blanked segments
+    ],
+    ids=["skipped", "dots", "music", "blank-segments"],
+)
+def test_whisper_output_without_words_is_no_speech(
+    transcriber: MlxWhisperTranscriber, monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any]
+) -> None:
+    monkeypatch.setattr(mlx_whisper, "transcribe", CountingTranscribe(fake=raw))
+    assert transcriber.transcribe(noise(1.0, -20)) == TranscriptResult("", "en", True, 0)
+
+
+def test_runs_its_own_loaded_model(transcriber: MlxWhisperTranscriber, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another model sits in mlx_whisper's per-process cache, and loading from disk is forbidden.
+    holder = sys.modules["mlx_whisper.transcribe"].ModelHolder
+    monkeypatch.setattr(holder, "model", object())
+    monkeypatch.setattr(holder, "model_path", "/somewhere/else")
+
+    def no_reload(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("mlx_whisper reloaded the model from disk")
+
+    monkeypatch.setattr(sys.modules["mlx_whisper.transcribe"], "load_model", no_reload)
+
+    assert transcriber.transcribe(noise(1.0, -20)).text == "hello world"
+    assert holder.model is transcriber._model
+
+
+def test_transcribe_before_load_is_an_error(tiny_whisper_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="before load"):
+        MlxWhisperTranscriber(str(tiny_whisper_dir)).transcribe(noise(1.0, -20))
+
+
+def _assert_one_line_load_error(excinfo: pytest.ExceptionInfo[ModelLoadError], path: Path) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message and str(path) in message and len(message) < 400
+
+
+def test_missing_whisper_model_is_a_load_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError) as excinfo:
+        MlxWhisperTranscriber(str(missing)).load()
+    _assert_one_line_load_error(excinfo, missing)
+    assert "config.json" in str(excinfo.value)
+
+
+def test_broken_whisper_model_is_a_load_error(tmp_path: Path, tiny_whisper_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(tiny_whisper_dir / "config.json", broken / "config.json")  # weights missing
+    with pytest.raises(ModelLoadError) as excinfo:
+        MlxWhisperTranscriber(str(broken)).load()
+    _assert_one_line_load_error(excinfo, broken)
+
+
+# ------------------------------------------------------------------------------------------------------- chat
+
+MESSAGES = [ChatMessage("system", "Answer briefly."), ChatMessage("user", "What is the capital of France?")]
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_llm_dir: Path) -> MlxChatModel:
+    model = MlxChatModel(str(tiny_llm_dir))
+    model.load()
+    return model
+
+
+class RecordingStream:
+    """Wraps mlx_lm.stream_generate to record every response it hands out."""
+
+    def __init__(self) -> None:
+        self.real = mlx_lm.stream_generate
+        self.responses: list[Any] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for response in self.real(*args, **kwargs):
+            self.responses.append(response)
+            yield response
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> RecordingStream:
+    recording = RecordingStream()
+    monkeypatch.setattr(mlx_lm, "stream_generate", recording)
+    return recording
+
+
+def run(chat: MlxChatModel, max_tokens: int = 12, stop_after: int | None = None, **kw: Any) -> list[GenerationStep]:
+    steps: list[GenerationStep] = []
+
+    def should_stop() -> bool:
+        return stop_after is not None and len(steps) >= stop_after
+
+    for step in chat.stream(
+        MESSAGES, max_tokens=max_tokens, temperature=kw.get("temperature", 0.0), should_stop=should_stop
+    ):
+        steps.append(step)
+    return steps
+
+
+def test_prompt_uses_the_chat_template(chat: MlxChatModel) -> None:
+    prompt = chat.prompt_tokens(MESSAGES)
+    assert chat._tokenizer.decode(prompt) == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_streams_until_max_tokens(chat: MlxChatModel, recorder: RecordingStream) -> None:
+    started = time.perf_counter()
+    steps = run(chat, max_tokens=12)
+    elapsed = time.perf_counter() - started
+
+    tokens = [r.token for r in recorder.responses]
+    assert len(tokens) == 12
+    assert "".join(s.text for s in steps) == chat._tokenizer.decode(tokens)
+    assert [s.generated_tokens for s in steps] == list(range(1, 13))
+    assert [s.finish_reason for s in steps] == [None] * 11 + ["length"]
+    n_prompt = len(chat.prompt_tokens(MESSAGES))
+    assert {s.prompt_tokens for s in steps} == {n_prompt}
+    assert all(s.prompt_seconds > 0 for s in steps) and len({s.prompt_seconds for s in steps}) == 1
+    assert elapsed < 5.0, elapsed
+    # Greedy decoding is deterministic.
+    assert "".join(s.text for s in run(chat, max_tokens=12)) == "".join(s.text for s in steps)
+
+
+def test_stops_at_end_of_turn(tiny_llm_dir: Path, recorder: RecordingStream) -> None:
+    model = MlxChatModel(str(tiny_llm_dir))
+    model.load()
+    recorder.responses.clear()  # load() warms up by generating
+    greedy = run(model, max_tokens=6)
+    third = recorder.responses[2].token
+    first_two = [r.token for r in recorder.responses[:2]]
+    assert third not in first_two, "pick a seed whose third greedy token is new"
+    model._tokenizer.add_eos_token(str(third))  # as if the model had chosen to end its turn there
+    recorder.responses.clear()
+
+    steps = run(model, max_tokens=6)
+
+    assert steps[-1].finish_reason == "stop"
+    assert steps[-1].generated_tokens == 3  # the end-of-turn token is counted, as mlx-lm counts it
+    assert "".join(s.text for s in steps) == model._tokenizer.decode(first_two)
+    assert greedy[-1].finish_reason == "length"
+
+
+def test_cancel_stops_promptly(chat: MlxChatModel, recorder: RecordingStream) -> None:
+    steps = run(chat, max_tokens=50, stop_after=3)
+
+    assert [s.finish_reason for s in steps] == [None, None, None, "cancelled"]
+    assert steps[-1].generated_tokens == 3 and steps[-1].text == ""
+    assert len(recorder.responses) == 3  # generation stopped; no tokens were produced for nobody
+
+
+def test_cancelled_before_start_runs_nothing(chat: MlxChatModel, recorder: RecordingStream) -> None:
+    steps = run(chat, max_tokens=50, stop_after=0)
+    assert steps == [GenerationStep("", len(chat.prompt_tokens(MESSAGES)), 0, "cancelled")]
+    assert recorder.responses == []
+
+
+def test_sampling_respects_max_tokens(chat: MlxChatModel) -> None:
+    mx.random.seed(1)
+    steps = run(chat, max_tokens=5, temperature=0.9)
+    assert steps[-1].finish_reason == "length" and steps[-1].generated_tokens == 5
+
+
+def test_max_tokens_must_be_positive(chat: MlxChatModel) -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        list(chat.stream(MESSAGES, max_tokens=0, temperature=0.0, should_stop=lambda: False))
+
+
+def test_without_chat_template_falls_back_to_role_lines(tiny_llm_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_llm_dir, plain)
+    config_path = plain / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    model = MlxChatModel(str(plain))
+    model.load()
+
+    prompt = model.prompt_tokens(MESSAGES)
+    assert model._tokenizer.decode(prompt) == (
+        "system: Answer briefly.\nuser: What is the capital of France?\nassistant:"
+    )
+    assert run(model, max_tokens=3)[-1].generated_tokens == 3
+
+
+def test_missing_chat_model_is_a_load_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-llm"
+    with pytest.raises(ModelLoadError) as excinfo:
+        MlxChatModel(str(missing)).load()
+    _assert_one_line_load_error(excinfo, missing)
+
+
+def test_broken_chat_model_is_a_load_error(tiny_llm_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-llm"
+    shutil.copytree(tiny_llm_dir, broken)
+    for weights in broken.glob("model*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelLoadError) as excinfo:
+        MlxChatModel(str(broken)).load()
+    _assert_one_line_load_error(excinfo, broken)
+
+
+def test_stream_before_load_is_an_error(tiny_llm_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="before load"):
+        list(MlxChatModel(str(tiny_llm_dir)).stream(MESSAGES, max_tokens=3, temperature=0.0, should_stop=lambda: False))
+
+
+def test_new_temperatures_need_no_kernel_compile(chat: MlxChatModel) -> None:
+    # A Python-float temperature would be baked into a fused kernel that MLX's CPU backend builds with the C++
+    # compiler (~1 s, cached on disk per value): fresh random values show whether that happens per request.
+    rng = np.random.default_rng()  # unseeded on purpose: values no earlier run cached
+    for temperature in rng.uniform(0.05, 1.5, size=2):
+        started = time.perf_counter()
+        steps = run(chat, max_tokens=4, temperature=float(temperature))
+        assert steps[-1].generated_tokens == 4
+        assert time.perf_counter() - started < 0.5, temperature
