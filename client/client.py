@@ -75,6 +75,8 @@ class Client:
         self.info: p.Info | None = None
         self.chunk_errors: list[RemoteError] = []
         """Chunks the daemon refused (it answers a chunk only when refusing it)."""
+        self.transcript_chunks: collections.deque[p.TranscriptChunk] = collections.deque(maxlen=256)
+        """Early transcripts of the current recording, received so far (see `drain`)."""
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -133,10 +135,11 @@ class Client:
         self._send(msg)
         return msg.id
 
-    def reset(self) -> float:
-        """Drop the buffered audio (and cancel a running ask); returns the seconds dropped."""
+    def reset(self, *, conversation: bool = True) -> float:
+        """Drop the buffered audio (and cancel a running ask) and, with ``conversation``, the remembered
+        conversation; returns the seconds of audio dropped."""
         self._ensure_hello()
-        reply = self._request(p.Reset())
+        reply = self._request(p.Reset(conversation=conversation))
         assert isinstance(reply, p.Ok)
         return reply.dropped_seconds
 
@@ -200,6 +203,18 @@ class Client:
         finally:
             self._open.pop(msg.id, None)
 
+    def drain(self, timeout: float = 0.0) -> list[p.TranscriptChunk]:
+        """Read what the daemon sent unasked for up to ``timeout`` seconds (refused chunks go to `chunk_errors`);
+        return the early transcripts received since the last call."""
+        deadline = time.monotonic() + timeout
+        while self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            self._receive_one()
+            if time.monotonic() >= deadline:
+                break
+        chunks = list(self.transcript_chunks)
+        self.transcript_chunks.clear()
+        return chunks
+
     # ---- plumbing ----
     def _ensure_hello(self) -> None:
         if self.info is None:
@@ -236,18 +251,7 @@ class Client:
                 raise Timeout(
                     f"no reply from the daemon at {self.endpoint} for {timeout:g} s while waiting for {waiting_for}"
                 )
-            try:
-                reply = p.decode(self._sock.recv_multipart())
-            except p.ProtocolError as exc:
-                raise RemoteError(exc.code, f"undecodable reply from the daemon: {exc.text}") from None
-            reply_ref = getattr(reply, "ref", None)
-            if reply_ref in self._open:
-                self._open[reply_ref].append(reply)
-            elif isinstance(reply, p.Error) and reply_ref is None:
-                raise remote_error(reply.code, reply.text)
-            elif isinstance(reply, p.Error):
-                self.chunk_errors.append(remote_error(reply.code, reply.text, reply_ref))
-            # else: a late reply to an abandoned request (after a timeout): dropped.
+            self._receive_one()
         reply = queued.popleft()
         if isinstance(reply, p.Error | p.Done):
             self._open.pop(ref, None)
@@ -255,6 +259,23 @@ class Client:
             raise remote_error(reply.code, reply.text, reply.ref)
         return reply
 
+
+    def _receive_one(self) -> None:
+        """Read one message and file it: under its open request, as an early transcript, or as a refused chunk."""
+        try:
+            reply = p.decode(self._sock.recv_multipart())
+        except p.ProtocolError as exc:
+            raise RemoteError(exc.code, f"undecodable reply from the daemon: {exc.text}") from None
+        reply_ref = getattr(reply, "ref", None)
+        if isinstance(reply, p.TranscriptChunk):
+            self.transcript_chunks.append(reply)
+        elif reply_ref in self._open:
+            self._open[reply_ref].append(reply)
+        elif isinstance(reply, p.Error) and reply_ref is None:
+            raise remote_error(reply.code, reply.text)
+        elif isinstance(reply, p.Error):
+            self.chunk_errors.append(remote_error(reply.code, reply.text, reply_ref))
+        # else: a late reply to an abandoned request (after a timeout): dropped.
 
 def _as_mono_float32(pcm: np.ndarray) -> np.ndarray:
     arr = np.asarray(pcm)

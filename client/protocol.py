@@ -290,9 +290,22 @@ class Cancel(Message):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Reset(Message):
-    """Drop this client's buffered audio (and cancel its running ask). Answered with `ok`."""
+    """Drop this client's buffered audio (and cancel its running ask), and with ``conversation`` also the
+    remembered conversation. Answered with `ok`."""
 
     TYPE: ClassVar[str] = "reset"
+    conversation: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        _check_bool(self, "conversation")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Warm(Message):
+    """Load the models now if keep-alive unloaded them (sent when recording starts). Answered with `ok`."""
+
+    TYPE: ClassVar[str] = "warm"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -337,6 +350,8 @@ class Report(Message):
     queue: int = 0
     buffered_seconds: float = 0.0
     asks_served: int = 0
+    memory_bytes: int = 0
+    """Resident memory of the daemon process."""
 
     def validate(self) -> None:
         super().validate()
@@ -397,6 +412,8 @@ class Done(Message):
     no_speech: bool = False
     language: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from the KV cache (system prompt, earlier turns) instead of being computed."""
     tokens: int = 0
     finish_reason: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -417,7 +434,7 @@ class Error(Message):
         _check_str(self, "text", allow_none=False)
 
 
-CLIENT_TYPES = frozenset({"hello", "chunk", "ask", "cancel", "reset", "status"})
+CLIENT_TYPES = frozenset({"hello", "chunk", "ask", "cancel", "reset", "status", "warm"})
 """Types a client may send; the daemon answers anything else with `unknown-type`."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -20,11 +21,21 @@ from sottovoce.client.config import Settings
 
 from .segmenter import Segmenter
 from .sessions import Session, SessionTable
-from .worker import AskJob, ForgetJob, ModelWorker
+from .worker import AskJob, ForgetJob, ModelState, ModelWorker, WarmJob
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["text-ask", "voice-ask", "stream", "cancel", "reset", "resample", "transcript-chunk"]
+CAPABILITIES = [
+    "text-ask",
+    "voice-ask",
+    "stream",
+    "cancel",
+    "reset",
+    "resample",
+    "transcript-chunk",
+    "conversation",
+    "warm",
+]
 EXPIRY_PERIOD = 5.0
 
 
@@ -217,9 +228,15 @@ class Server:
             job.cancelled.set()
         dropped = session.clear()
         session.utterance += 1
-        if self.segmenter is not None:
+        if msg.conversation:
+            self._forget(session.identity)
+        elif self.segmenter is not None:
             self.segmenter.drop(session.identity)
         self._send(session.identity, p.Ok(ref=msg.id, dropped_seconds=round(dropped, 3)))
+
+    def _on_warm(self, session: Session, msg: p.Warm) -> None:
+        self.worker.submit(WarmJob())
+        self._send(session.identity, p.Ok(ref=msg.id))
 
     def _on_status(self, session: Session, msg: p.Status) -> None:
         worker = self.worker
@@ -237,6 +254,7 @@ class Server:
                 queue=worker.pending(),
                 buffered_seconds=round(session.buffered_seconds, 3),
                 asks_served=worker.asks_served,
+                memory_bytes=resident_memory(),
             ),
         )
 
@@ -288,10 +306,24 @@ def _label(session: Session) -> str:
     return f"{name}:{session.identity.hex()[:8]}"
 
 
-def _model_report(state: Any) -> dict[str, Any]:
+def _model_report(state: ModelState) -> dict[str, Any]:
     return {
         "name": state.name,
         "loaded": state.loaded,
         "error": state.error,
-        "load_seconds": state.load_seconds,
+        "load_seconds": None if state.load_seconds is None else round(state.load_seconds, 3),
+        "loads": state.loads,
+        "idle_seconds": round(state.idle_seconds(), 1),
+        "keep_alive": state.keep_alive,
     }
+
+
+def resident_memory() -> int:
+    """Current resident set size in bytes (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS

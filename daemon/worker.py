@@ -76,9 +76,14 @@ class StretchJob:
 
 @dataclasses.dataclass
 class ForgetJob:
-    """The client went away: drop its early transcripts."""
+    """The client reset or went away: drop its early transcripts and its conversation (and that KV cache)."""
 
     identity: bytes
+
+
+@dataclasses.dataclass
+class WarmJob:
+    """Load the models now (the tray sends `warm` when the hotkey goes down): the ask will not wait for them."""
 
 
 @dataclasses.dataclass
@@ -96,12 +101,26 @@ class ModelState:
     """What `status` reports about one model (read from the IO thread; plain values only)."""
 
     name: str
+    keep_alive: float = 0.0
+    """Unload after this many idle seconds; 0 = never."""
     loaded: bool = False
     error: str | None = None
     load_seconds: float | None = None
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    loads: int = 0
+
+    def idle_seconds(self) -> float:
+        return time.monotonic() - self.last_used
+
+    def unload_due_in(self) -> float | None:
+        if not self.loaded or self.keep_alive <= 0:
+            return None
+        return max(0.0, self.keep_alive - self.idle_seconds())
 
 
-Job = AskJob | StretchJob | ForgetJob | None
+Job = AskJob | StretchJob | ForgetJob | WarmJob | None
+MAX_PROMPT_CHARS = 200
+"""Context given to Whisper for the next stretch (its initial_prompt is limited to half its 448-token window)."""
 
 
 class ModelWorker:
@@ -112,16 +131,21 @@ class ModelWorker:
         emit: Emit,
         *,
         log_text: bool = False,
+        history_turns: int = 0,
+        whisper_keep_alive: float = 0.0,
+        llm_keep_alive: float = 0.0,
     ) -> None:
         self._transcriber = transcriber
+        self._history_turns = history_turns
+        self._conversations: dict[bytes, list[ChatMessage]] = {}
         self._chat = chat_model
         self._emit = emit
         self._log_text = log_text
         self._queue: queue.Queue[Job] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sottovoce-models", daemon=True)
         self._early: dict[bytes, _Early] = {}
-        self.whisper = ModelState(transcriber.name)
-        self.llm = ModelState(chat_model.name)
+        self.whisper = ModelState(transcriber.name, keep_alive=whisper_keep_alive)
+        self.llm = ModelState(chat_model.name, keep_alive=llm_keep_alive)
         self.ready = threading.Event()
         self.asks_served = 0
 
@@ -129,7 +153,7 @@ class ModelWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: AskJob | StretchJob | ForgetJob) -> None:
+    def submit(self, job: AskJob | StretchJob | ForgetJob | WarmJob) -> None:
         self._queue.put(job)
 
     def pending(self) -> int:
@@ -145,12 +169,20 @@ class ModelWorker:
         self._load(self._chat, self.llm)
         self.ready.set()
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=self._next_unload_in())
+            except queue.Empty:
+                self._unload_idle()
+                continue
             if job is None:
                 self._drain_as_cancelled()
                 return
             if isinstance(job, ForgetJob):
-                self._early.pop(job.identity, None)
+                self._forget(job.identity)
+                continue
+            if isinstance(job, WarmJob):
+                self._ensure_loaded(self._transcriber, self.whisper)
+                self._ensure_loaded(self._chat, self.llm)
                 continue
             try:
                 if isinstance(job, StretchJob):
@@ -165,6 +197,11 @@ class ModelWorker:
                     error = Error(ref=job.ask_id, code=code, text=f"{type(exc).__name__}: {exc}")
                     self._emit(job.identity, error, True)
 
+    def _forget(self, identity: bytes) -> None:
+        self._early.pop(identity, None)
+        if self._conversations.pop(identity, None) is not None:
+            self._chat.forget(identity.hex())
+
     def _drain_as_cancelled(self) -> None:
         while True:
             try:
@@ -174,6 +211,7 @@ class ModelWorker:
             if isinstance(job, AskJob):
                 self._cancelled(job)
 
+    # ---- keep-alive: models unload when idle and load again on the next use ----
     def _load(self, model: Transcriber | ChatModel, state: ModelState) -> None:
         started = time.perf_counter()
         try:
@@ -186,13 +224,37 @@ class ModelWorker:
             state.error = f"{type(exc).__name__}: {exc}"
             log.exception("could not load %s", state.name)
             return
-        state.loaded = True
+        state.loaded, state.error = True, None
+        state.loads += 1
+        state.last_used = time.monotonic()
         state.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.1f s", state.name, state.load_seconds)
 
+    def _ensure_loaded(self, model: Transcriber | ChatModel, state: ModelState) -> bool:
+        """Load a model that was unloaded (or failed before: the file may be back); True when it is usable."""
+        if not state.loaded:
+            self._load(model, state)
+        state.last_used = time.monotonic()
+        return state.loaded
+
+    def _next_unload_in(self) -> float | None:
+        due = [d for d in (self.whisper.unload_due_in(), self.llm.unload_due_in()) if d is not None]
+        return min(due) + 0.01 if due else None
+
+    def _unload_idle(self) -> None:
+        for model, state in ((self._transcriber, self.whisper), (self._chat, self.llm)):
+            if state.unload_due_in() == 0.0:
+                model.unload()
+                state.loaded = False
+                log.info("unloaded %s after %.0f s idle", state.name, state.idle_seconds())
+
     # ---- transcription ----
-    def _transcribe(self, pcm: np.ndarray, language: str | None) -> TranscriptResult:
-        result = self._transcriber.transcribe(pcm, language=language)
+    def _transcribe(self, pcm: np.ndarray, language: str | None, prompt: str | None = None) -> TranscriptResult:
+        result = (
+            self._transcriber.transcribe(pcm, language=language, prompt=prompt)
+            if prompt
+            else self._transcriber.transcribe(pcm, language=language)
+        )
         text = cut_repetitions(result.text)
         return dataclasses.replace(result, text=text, no_speech=result.no_speech or not text)
 
@@ -200,10 +262,12 @@ class ModelWorker:
         early = self._early.get(job.identity)
         if early is None or early.utterance != job.utterance:
             early = self._early[job.identity] = _Early(job.utterance)
-        if not self.whisper.loaded:
+        if not self._ensure_loaded(self._transcriber, self.whisper):
             return  # the ask will report the model error
         started = time.perf_counter()
-        result = self._transcribe(job.pcm, None)
+        # The text so far is Whisper's context for this stretch, as it would be inside one long transcription.
+        context = " ".join(early.texts)[-MAX_PROMPT_CHARS:] or None
+        result = self._transcribe(job.pcm, None, prompt=context)
         early.seconds += time.perf_counter() - started
         if result.no_speech:
             return
@@ -224,7 +288,8 @@ class ModelWorker:
         texts = list(early.texts) if early is not None and early.utterance == job.utterance else []
         language = early.language if early is not None else None
         if job.speech and job.tail is not None:
-            tail = self._transcribe(job.tail, job.language or language)
+            context = " ".join(texts)[-MAX_PROMPT_CHARS:] or None
+            tail = self._transcribe(job.tail, job.language or language, prompt=context)
             if not tail.no_speech:
                 texts.append(tail.text)
                 language = language or tail.language
@@ -244,7 +309,7 @@ class ModelWorker:
         transcript: str | None = None
         language = job.language
         if job.pcm is not None:
-            if not self.whisper.loaded:
+            if not self._ensure_loaded(self._transcriber, self.whisper):
                 self._early.pop(job.identity, None)
                 self._model_unavailable(job, self.whisper)
                 return
@@ -269,16 +334,21 @@ class ModelWorker:
                 self._cancelled(job)
                 return
         question = job.text if job.text is not None else transcript or ""
-        if not self.llm.loaded:
+        if not self._ensure_loaded(self._chat, self.llm):
             self._model_unavailable(job, self.llm)
             return
-        messages = [ChatMessage("system", job.system_prompt), ChatMessage("user", question)]
+        history = self._conversations.get(job.identity, [])
+        messages = [ChatMessage("system", job.system_prompt), *history, ChatMessage("user", question)]
         started = time.perf_counter()
         parts: list[str] = []
         first_token: float | None = None
         step = None
         for step in self._chat.stream(
-            messages, max_tokens=job.max_tokens, temperature=job.temperature, should_stop=job.cancelled.is_set
+            messages,
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            should_stop=job.cancelled.is_set,
+            cache_key=job.identity.hex() if self._history_turns else None,
         ):
             if step.text:
                 if first_token is None:
@@ -290,6 +360,7 @@ class ModelWorker:
             self._cancelled(job)
             return
         now = time.perf_counter()
+        self._remember(job.identity, question, "".join(parts))
         seconds["prompt"] = step.prompt_seconds
         seconds["first_token"] = (first_token or now) - started
         seconds["generate"] = now - started
@@ -301,11 +372,20 @@ class ModelWorker:
             answer="".join(parts),
             language=language,
             prompt_tokens=step.prompt_tokens,
+            cached_tokens=step.cached_tokens,
             tokens=step.generated_tokens,
             finish_reason=step.finish_reason,
             seconds=_round(seconds),
         )
         self._finish(job, done)
+
+    def _remember(self, identity: bytes, question: str, answer: str) -> None:
+        """Keep the last `history_turns` turns, so a follow-up question can refer to them."""
+        if not self._history_turns:
+            return
+        history = self._conversations.setdefault(identity, [])
+        history += [ChatMessage("user", question), ChatMessage("assistant", answer)]
+        del history[: max(0, len(history) - 2 * self._history_turns)]
 
     def _finish(self, job: AskJob, done: Done) -> None:
         audio = f"{job.pcm.size / SAMPLE_RATE:.1f}s audio" if job.pcm is not None else "text"

@@ -27,10 +27,15 @@ class FakeTranscriber:
         self.delay = delay
         self.calls: list[int] = []
         self.prompts: list[str | None] = []
+        self.loads = self.unloads = 0
 
     def load(self) -> None:
         if self.fail_load:
             raise ModelLoadError(self.fail_load)
+        self.loads += 1
+
+    def unload(self) -> None:
+        self.unloads += 1
 
     def transcribe(
         self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None
@@ -55,12 +60,16 @@ class FakeChat:
         self.prompts: list[list[ChatMessage]] = []
         self.cache_keys: list[str | None] = []
         self.forgotten: list[str] = []
+        self.loads = self.unloads = 0
 
     def forget(self, cache_key: str) -> None:
         self.forgotten.append(cache_key)
 
     def load(self) -> None:
-        pass
+        self.loads += 1
+
+    def unload(self) -> None:
+        self.unloads += 1
 
     def stream(
         self,

@@ -21,7 +21,14 @@ class RunningServer:
         self.endpoint = endpoint
         self.server = Server(
             settings,
-            lambda emit: ModelWorker(transcriber, chat, emit),
+            lambda emit: ModelWorker(
+                transcriber,
+                chat,
+                emit,
+                history_turns=settings.history_turns,
+                whisper_keep_alive=settings.whisper_keep_alive,
+                llm_keep_alive=settings.llm_keep_alive,
+            ),
             version="test",
         )
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)

@@ -44,7 +44,10 @@ class Transcriber(Protocol):
     name: str
 
     def load(self) -> None:
-        """Load the weights (called once, on the model thread). Raises ModelLoadError."""
+        """Load the weights (on the model thread; again after `unload`). Raises ModelLoadError."""
+
+    def unload(self) -> None:
+        """Free the weights (keep-alive ran out); `load` brings them back."""
 
     def transcribe(
         self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None
@@ -79,7 +82,10 @@ class ChatModel(Protocol):
     name: str
 
     def load(self) -> None:
-        """Load the weights and tokenizer (called once, on the model thread). Raises ModelLoadError."""
+        """Load the weights and tokenizer (on the model thread; again after `unload`). Raises ModelLoadError."""
+
+    def unload(self) -> None:
+        """Free the weights and every kept KV cache (keep-alive ran out); `load` brings them back."""
 
     def stream(
         self,

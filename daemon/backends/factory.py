@@ -69,6 +69,12 @@ class Unavailable:
     def load(self) -> None:
         raise ModelLoadError(self._reason)
 
+    def unload(self) -> None:  # pragma: no cover - never loaded
+        pass
+
+    def forget(self, cache_key: str) -> None:
+        pass
+
     def transcribe(self, *args: object, **kwargs: object) -> None:  # pragma: no cover - never loaded
         raise ModelLoadError(self._reason)
 

@@ -17,13 +17,14 @@ import soundfile
 import zmq
 from bad_frames import BAD_FRAMES  # type: ignore[import-not-found]
 from daemon_proc import DaemonProcess  # type: ignore[import-not-found]
+from speech import needs_espeak, say  # type: ignore[import-not-found]
 
 from sottovoce.client import Client, DaemonUnavailable, NotEnoughAudio
 from sottovoce.client import protocol as p
 from sottovoce.client.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), needs_espeak]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,10 @@ def client(daemon: DaemonProcess):
         yield c
 
 
-def tone(seconds: float, rate: int = p.SAMPLE_RATE, level: float = 0.3) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    # a warbling tone: loud enough to pass the no-speech energy gate
-    return (level * np.sin(2 * np.pi * (200 + 80 * np.sin(2 * np.pi * 3 * t)) * t)).astype(np.float32)
+def tone(seconds: float, rate: int = p.SAMPLE_RATE) -> np.ndarray:
+    """Real speech (espeak-ng), repeated to ``seconds``: the voice activity detector must hear words."""
+    sentence = np.concatenate([say("Testing one two three, this is a spoken question.", rate), np.zeros(rate // 4)])
+    return np.resize(sentence, int(seconds * rate)).astype(np.float32)
 
 
 def cli(*args: str, daemon: DaemonProcess | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -253,3 +253,117 @@ def test_model_that_fails_to_load_is_reported_and_daemon_stays_up(endpoint: str)
         c.send(p.Status())
         assert c.recv().models["whisper"]["error"].startswith("no whisper model")
         c.close()
+
+
+def test_follow_up_questions_see_the_last_turns(endpoint: str) -> None:
+    chat = FakeChat()
+    settings = Settings(endpoint=endpoint, history_turns=2)
+    with RunningServer(endpoint, settings, FakeTranscriber(), chat):
+        c = RawClient(endpoint)
+        for question in ("first", "second", "third"):
+            c.send(p.Ask(text=question))
+            c.until_done()
+        roles = [(m.role, m.content) for m in chat.prompts[-1][1:]]
+        assert roles == [
+            ("user", "first"),
+            ("assistant", "you said: first"),
+            ("user", "second"),
+            ("assistant", "you said: second"),
+            ("user", "third"),
+        ]
+        c.send(p.Ask(text="fourth"))
+        c.until_done()
+        # the oldest turn fell out of the 2-turn window
+        assert [m.content for m in chat.prompts[-1][1:]] == [
+            "second",
+            "you said: second",
+            "third",
+            "you said: third",
+            "fourth",
+        ]
+        assert chat.cache_keys[-1] is not None and len(set(chat.cache_keys)) == 1
+        c.close()
+
+
+def test_reset_forgets_the_conversation_unless_asked_to_keep_it(endpoint: str) -> None:
+    chat = FakeChat()
+    with RunningServer(endpoint, Settings(endpoint=endpoint, history_turns=3), FakeTranscriber(), chat):
+        c = RawClient(endpoint)
+        c.send(p.Ask(text="remember me"))
+        c.until_done()
+        c.send(p.Reset(conversation=False))
+        assert isinstance(c.recv(), p.Ok)
+        c.send(p.Ask(text="still there?"))
+        c.until_done()
+        assert [m.content for m in chat.prompts[-1][1:]] == ["remember me", "you said: remember me", "still there?"]
+        c.send(p.Reset())
+        assert isinstance(c.recv(), p.Ok)
+        c.send(p.Ask(text="fresh"))
+        c.until_done()
+        assert [m.content for m in chat.prompts[-1][1:]] == ["fresh"]
+        assert chat.forgotten == [chat.cache_keys[0]]
+        c.close()
+
+
+def test_clients_do_not_share_a_conversation(endpoint: str) -> None:
+    chat = FakeChat()
+    with RunningServer(endpoint, Settings(endpoint=endpoint, history_turns=3), FakeTranscriber(), chat):
+        a, b = RawClient(endpoint), RawClient(endpoint)
+        a.send(p.Ask(text="secret of a"))
+        a.until_done()
+        b.send(p.Ask(text="question of b"))
+        b.until_done()
+        assert [m.content for m in chat.prompts[-1][1:]] == ["question of b"]
+        assert chat.cache_keys[0] != chat.cache_keys[1]
+        a.close()
+        b.close()
+
+
+def test_keep_alive_unloads_idle_models_and_the_next_ask_reloads_them(endpoint: str) -> None:
+    transcriber, chat = FakeTranscriber(), FakeChat()
+    settings = Settings(endpoint=endpoint, whisper_keep_alive=0.3, llm_keep_alive=0.6, incremental=False)
+    with RunningServer(endpoint, settings, transcriber, chat):
+        c = RawClient(endpoint)
+        time.sleep(1.0)
+        assert (transcriber.unloads, chat.unloads) == (1, 1)
+        c.send(p.Status())
+        report = c.recv()
+        assert not report.models["whisper"]["loaded"] and not report.models["llm"]["loaded"]
+        assert report.memory_bytes > 10_000_000
+        c.send(p.Chunk(pcm=speech(1.5)))
+        c.send(p.Ask())
+        done = c.until_done()[-1]
+        assert isinstance(done, p.Done) and done.transcript.startswith("heard")
+        assert (transcriber.loads, chat.loads) == (2, 2)
+        c.close()
+
+
+def test_warm_loads_unloaded_models_before_the_ask(endpoint: str) -> None:
+    transcriber, chat = FakeTranscriber(), FakeChat()
+    settings = Settings(endpoint=endpoint, whisper_keep_alive=0.2, llm_keep_alive=0.2)
+    with RunningServer(endpoint, settings, transcriber, chat):
+        c = RawClient(endpoint)
+        time.sleep(0.6)
+        assert transcriber.unloads == 1
+        warm_id = c.send(p.Warm())
+        ok = c.recv()
+        assert isinstance(ok, p.Ok) and ok.ref == warm_id
+        deadline = time.monotonic() + 2
+        while transcriber.loads < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (transcriber.loads, chat.loads) == (2, 2)
+        c.close()
+
+
+def test_a_model_that_comes_back_is_loaded_on_the_next_ask(endpoint: str) -> None:
+    transcriber = FakeTranscriber(fail_load="no whisper model here")
+    with RunningServer(endpoint, Settings(endpoint=endpoint, incremental=False), transcriber, FakeChat()):
+        c = RawClient(endpoint)
+        c.send(p.Chunk(pcm=speech(1.5)))
+        c.send(p.Ask())
+        assert c.recv().code == p.ErrorCode.MODEL_ERROR
+        transcriber.fail_load = None  # the user fixed it
+        c.send(p.Chunk(pcm=speech(1.5)))
+        c.send(p.Ask())
+        assert c.until_done()[-1].transcript.startswith("heard")
+        c.close()
