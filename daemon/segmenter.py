@@ -78,7 +78,17 @@ class Segmenter:
         for stretch in tracker.feed(pcm):
             if stretch.speech:
                 audio = tracker.audio(stretch.start, stretch.end)
-                self._submit(StretchJob(identity, utterance, stretch.start, stretch.end, audio))
+                self._submit(
+                    StretchJob(
+                        identity,
+                        utterance,
+                        stretch.start,
+                        stretch.end,
+                        audio,
+                        speech_until=stretch.speech_until,
+                        tentative=stretch.tentative,
+                    )
+                )
 
     def _on_ask(self, identity: bytes, utterance: int, job: AskJob) -> None:
         current = self._trackers.pop(identity, None)
@@ -91,6 +101,7 @@ class Segmenter:
         job.speech = tracker.has_speech()
         job.tail = tracker.audio(tail.start, tail.end) if tail is not None and tail.speech else None
         job.tail_start = tail.start if tail is not None else tracker.samples
+        job.tail_speech_until = tail.speech_until if tail is not None else 0
         self._submit(job)
 
 

@@ -50,6 +50,9 @@ class CutPolicy:
     """Where a forced cut looks for the quietest window."""
     pad_seconds: float = 0.2
     """Silence kept on each side of the speech in a stretch, so Whisper hears the word edges."""
+    tentative_pause_seconds: float = 0.2
+    """A shorter pause after speech: transcribe what is there now, in case the person has finished (when the key
+    is released a moment later, the transcript is ready; if they go on, the work is thrown away)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +61,17 @@ class Stretch:
     end: int
     speech: bool
     """False for a stretch with no speech in it: it is never sent to Whisper."""
+    speech_until: int = 0
+    """End of the last speech window in it: two stretches from the same start with the same speech_until hold
+    the same words (they differ only in trailing silence), so one transcript serves both."""
+    tentative: bool = False
+    """Cut at a short pause: the person may go on, and a later stretch from the same start may replace it."""
 
 
 class UtteranceTracker:
     """Accumulates one utterance's audio and yields stretches that are final while the person is still speaking."""
 
-    def __init__(self, policy: CutPolicy = CutPolicy(), detector: SpeechDetector | None = None) -> None:  # noqa: B008
+    def __init__(self, policy: CutPolicy = CutPolicy(), detector: SpeechDetector | None = None) -> None:
         self.policy = policy
         self._detector = detector or SpeechDetector()
         self._blocks: list[np.ndarray] = []
@@ -72,6 +80,7 @@ class UtteranceTracker:
         self._is_speech: list[bool] = []
         self._committed = 0  # samples already handed out as stretches
         self._in_speech = False
+        self._tentative: tuple[int, int] | None = None  # (start, speech_until) last handed out tentatively
 
     @property
     def samples(self) -> int:
@@ -103,7 +112,14 @@ class UtteranceTracker:
         start, end = self._committed, self._samples
         self._committed = end
         first, last = start // WINDOW, -(-end // WINDOW)
-        return Stretch(start, end, self._enough_speech(first, last))
+        return Stretch(start, end, self._enough_speech(first, last), self._speech_until(first, last))
+
+    def _speech_until(self, first: int, last: int) -> int:
+        flags = self._is_speech[first:last]
+        for i in range(len(flags) - 1, -1, -1):
+            if flags[i]:
+                return (first + i + 1) * WINDOW
+        return first * WINDOW
 
     def has_speech(self) -> bool:
         return self._enough_speech(0, len(self._is_speech))
@@ -143,7 +159,21 @@ class UtteranceTracker:
                     cut = first + len(flags) - pad
                     stretches.append(Stretch(self._committed, cut * WINDOW, False))
                     self._committed = cut * WINDOW
+                elif speech_at and (tentative := self._tentative_stretch(first, speech_at[-1], len(flags))):
+                    stretches.append(tentative)
                 return stretches
             end = cut * WINDOW
-            stretches.append(Stretch(self._committed, end, self._enough_speech(first, cut)))
+            stretches.append(
+                Stretch(self._committed, end, self._enough_speech(first, cut), self._speech_until(first, cut))
+            )
             self._committed = end
+
+    def _tentative_stretch(self, first: int, last_speech: int, length: int) -> Stretch | None:
+        """Everything so far, once a short pause follows the speech (at most once per pause)."""
+        silence = length - 1 - last_speech
+        needed = round(self.policy.tentative_pause_seconds * SAMPLE_RATE / WINDOW)
+        key = (self._committed, (first + last_speech + 1) * WINDOW)
+        if silence < needed or key == self._tentative or not self._enough_speech(first, first + length):
+            return None
+        self._tentative = key
+        return Stretch(self._committed, (first + length) * WINDOW, True, key[1], tentative=True)

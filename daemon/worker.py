@@ -59,6 +59,7 @@ class AskJob:
     tail: np.ndarray | None = None
     """Incremental asks: the audio after the last stretch cut, if it holds speech."""
     tail_start: int = 0
+    tail_speech_until: int = 0
     received: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -72,6 +73,9 @@ class StretchJob:
     start: int
     end: int
     pcm: np.ndarray
+    speech_until: int = 0
+    tentative: bool = False
+    """Cut at a short pause: kept aside, used only if no more speech follows (see vad.Stretch)."""
 
 
 @dataclasses.dataclass
@@ -94,6 +98,14 @@ class _Early:
     texts: list[str] = dataclasses.field(default_factory=list)
     language: str | None = None
     seconds: float = 0.0
+    tentative: tuple[int, int, TranscriptResult] | None = None
+    """(start, speech_until, result) of the last tentative stretch."""
+
+    def reuse(self, start: int, speech_until: int) -> TranscriptResult | None:
+        """The tentative transcript, if it covered exactly these words."""
+        if self.tentative is not None and self.tentative[:2] == (start, speech_until):
+            return self.tentative[2]
+        return None
 
 
 @dataclasses.dataclass
@@ -265,10 +277,15 @@ class ModelWorker:
         if not self._ensure_loaded(self._transcriber, self.whisper):
             return  # the ask will report the model error
         started = time.perf_counter()
-        # The text so far is Whisper's context for this stretch, as it would be inside one long transcription.
-        context = " ".join(early.texts)[-MAX_PROMPT_CHARS:] or None
-        result = self._transcribe(job.pcm, None, prompt=context)
+        result = early.reuse(job.start, job.speech_until) if not job.tentative else None
+        if result is None:
+            # The text so far is Whisper's context for this stretch, as it would be inside one long transcription.
+            context = " ".join(early.texts)[-MAX_PROMPT_CHARS:] or None
+            result = self._transcribe(job.pcm, None, prompt=context)
         early.seconds += time.perf_counter() - started
+        if job.tentative:
+            early.tentative = (job.start, job.speech_until, result)
+            return
         if result.no_speech:
             return
         early.texts.append(result.text)
@@ -288,8 +305,10 @@ class ModelWorker:
         texts = list(early.texts) if early is not None and early.utterance == job.utterance else []
         language = early.language if early is not None else None
         if job.speech and job.tail is not None:
-            context = " ".join(texts)[-MAX_PROMPT_CHARS:] or None
-            tail = self._transcribe(job.tail, job.language or language, prompt=context)
+            tail = early.reuse(job.tail_start, job.tail_speech_until) if early is not None else None
+            if tail is None:
+                context = " ".join(texts)[-MAX_PROMPT_CHARS:] or None
+                tail = self._transcribe(job.tail, job.language or language, prompt=context)
             if not tail.no_speech:
                 texts.append(tail.text)
                 language = language or tail.language

@@ -114,3 +114,27 @@ def test_next_recording_starts_fresh_after_an_ask(setup) -> None:
         transcript = next(r for r in client.until_done(timeout=10) if isinstance(r, p.Transcript))
         assert transcript.text.count("heard") == 1
         time.sleep(0.05)
+
+
+def test_a_short_pause_is_transcribed_tentatively_and_reused_at_the_ask(setup) -> None:
+    client, transcriber, _ = setup
+    send_audio(client, with_pauses(0.2, "Is the tail ready before I let go of the key?", 0.35))
+    deadline = time.monotonic() + 10
+    while not transcriber.calls and time.monotonic() < deadline:  # transcribed while the key is still down
+        time.sleep(0.02)
+    assert len(transcriber.calls) == 1
+    client.send(p.Ask())
+    transcript = next(r for r in client.until_done(timeout=10) if isinstance(r, p.Transcript))
+    assert transcript.text.startswith("heard")
+    assert len(transcriber.calls) == 1  # the ask reused the tentative transcript
+
+
+def test_speech_after_a_tentative_cut_is_not_lost(setup) -> None:
+    client, transcriber, _ = setup
+    send_audio(client, with_pauses(0.2, "First part,", 0.3))  # tentative cut here
+    send_audio(client, with_pauses("and the second part.", 0.1))
+    client.send(p.Ask())
+    transcript = next(r for r in client.until_done(timeout=10) if isinstance(r, p.Transcript))
+    # the final transcript covers all the speech, not just the tentative first part
+    heard = int(transcript.text.split()[1])
+    assert heard >= say("First part,").size + say("and the second part.").size - 2 * 16000 * 0.3
