@@ -38,10 +38,10 @@ from sottovoce.daemon.blas import preload_openblas  # noqa: E402
 
 preload_openblas()
 
-from sottovoce.client import protocol as p  # noqa: E402
-
 from daemon_proc import DaemonProcess  # noqa: E402
 from speech import say  # noqa: E402
+
+from sottovoce.client import protocol as p  # noqa: E402
 
 RATE = p.SAMPLE_RATE
 CHUNK = p.CHUNK_SAMPLES
@@ -129,13 +129,16 @@ def run_mode(name: str, args: argparse.Namespace, extra: list[str], clips, *, st
     try:
         warm_pcm, _, warm_end = clips[0]
         play_and_ask(daemon, warm_pcm[: warm_end // 2], warm_end // 2, stream=stream)  # warm-up, not counted
-        for (seconds, (pcm, text, end)) in zip(args.lengths, clips, strict=True):
+        for seconds, (pcm, text, end) in zip(args.lengths, clips, strict=True):
             runs = []
             for _ in range(args.repeats):
                 times = play_and_ask(daemon, pcm, end, stream=stream)
                 times["wer"] = wer(text, str(times.get("text", "")))
                 runs.append(times)
-                print(f"{name:5} {seconds:>3} s: {json.dumps({k: v for k, v in times.items() if k not in ('text', 'answer')})}", flush=True)
+                print(
+                    f"{name:5} {seconds:>3} s: {json.dumps({k: v for k, v in times.items() if k not in ('text', 'answer')})}",
+                    flush=True,
+                )
             results[seconds] = runs
     finally:
         daemon.stop()
@@ -144,10 +147,10 @@ def run_mode(name: str, args: argparse.Namespace, extra: list[str], clips, *, st
 
 def in_process_overhead(args: argparse.Namespace, clips) -> list[tuple[float, float]]:
     """The seed pipeline called directly in this process: (transcribe + generate) seconds per clip length."""
+    from sottovoce.client import config
     from sottovoce.daemon.backends.factory import resolve_model
     from sottovoce.daemon.backends.mlx_lm_backend import MlxChatModel
     from sottovoce.daemon.backends.mlx_whisper_backend import MlxWhisperTranscriber
-    from sottovoce.client import config
 
     whisper = MlxWhisperTranscriber(resolve_model(args.whisper, "whisper", "", ""))
     chat = MlxChatModel(resolve_model(args.llm, "llm", "", ""))
@@ -242,8 +245,13 @@ def plot(args, clips, seed, ours) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for runs, label, style in ((seed, "seed design", "--"), (ours, "ours", "-")):
         for key, marker in (("transcript", "o"), ("first", "s"), ("done", "^")):
-            ax.plot(lengths, [median(runs[s], key) for s in args.lengths], style, marker=marker,
-                    label=f"{label}: {'first answer chunk' if key == 'first' else key}")
+            ax.plot(
+                lengths,
+                [median(runs[s], key) for s in args.lengths],
+                style,
+                marker=marker,
+                label=f"{label}: {'first answer chunk' if key == 'first' else key}",
+            )
     ax.set_xlabel("length of speech (s)")
     ax.set_ylabel("seconds after the speech ended")
     ax.set_title(f"Voice turn latency ({args.whisper} + {args.llm}, 2-core CPU)")

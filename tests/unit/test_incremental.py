@@ -130,7 +130,7 @@ def test_a_short_pause_is_transcribed_tentatively_and_reused_at_the_ask(setup) -
 
 
 def test_speech_after_a_tentative_cut_is_not_lost(setup) -> None:
-    client, transcriber, _ = setup
+    client, _transcriber, _ = setup
     send_audio(client, with_pauses(0.2, "First part,", 0.3))  # tentative cut here
     send_audio(client, with_pauses("and the second part.", 0.1))
     client.send(p.Ask())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from speech import needs_espeak, say, with_pauses  # type: ignore[import-not-found]
 
 from sottovoce.daemon.textguard import cut_repetitions
 from sottovoce.daemon.vad import SAMPLE_RATE, CutPolicy, UtteranceTracker
-
-from speech import needs_espeak, say, with_pauses  # type: ignore[import-not-found]
 
 
 def feed_all(tracker: UtteranceTracker, pcm: np.ndarray, block: int = 4096):
@@ -50,7 +51,7 @@ def test_speech_without_pauses_is_cut_before_whisper_s_30_s_window() -> None:
     assert len(stretches) >= 2
     assert all((s.end - s.start) / SAMPLE_RATE <= policy.max_stretch_seconds + 0.1 for s in stretches)
     assert stretches[0].start == 0 and stretches[-1].end == recording.size
-    assert all(a.end == b.start for a, b in zip(stretches, stretches[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(stretches))
 
 
 def test_silence_and_noise_have_no_speech() -> None:
