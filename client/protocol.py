@@ -164,8 +164,8 @@ def _check_number(
     value = getattr(msg, name)
     if value is None and allow_none:
         return
-    ok_types: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+    number_ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not number_ok or not math.isfinite(value):
         raise _fail(msg, f"field {name!r} must be {'an integer' if integer else 'a number'}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise _fail(msg, f"field {name!r} must be between {lo} and {hi}, got {value}")

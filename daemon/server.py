@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -276,7 +276,10 @@ class Server:
 
     def _send(self, identity: bytes, msg: p.Message) -> None:
         assert self._socket is not None
-        future = self._socket.send_multipart([identity, *p.encode(msg)], flags=zmq.DONTWAIT)
+        # With DONTWAIT, pyzmq's asyncio socket tries the send at once and returns an already finished future.
+        future = cast(
+            "asyncio.Future[Any]", self._socket.send_multipart([identity, *p.encode(msg)], flags=zmq.DONTWAIT)
+        )
         exc = future.exception() if future.done() else None
         if exc is None:
             return
