@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
+
+import numpy as np
 
 from sottovoce.client import config
 
-from .base import ChatModel, ModelLoadError, Transcriber
+from .base import ChatMessage, ChatModel, GenerationStep, ModelLoadError, ShouldStop, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,9 @@ def build_backends(settings: config.Settings) -> tuple[Transcriber, ChatModel]:
         transcriber = Unavailable(settings.whisper_model, str(exc))
     try:
         llm_path = resolve_model(settings.llm_model, "llm", config.DEFAULT_LLM, EMBEDDED_LLM)
-        chat = MlxChatModel(llm_path)
+        # No cache at all when disabled (the seed design, for the benchmark's baseline).
+        caches = {} if settings.prompt_cache else {"max_conversations": 0, "max_system_prompts": 0}
+        chat = MlxChatModel(llm_path, **caches)
     except ModelLoadError as exc:
         chat = Unavailable(settings.llm_model, str(exc))
     return transcriber, chat
@@ -42,13 +48,13 @@ def resolve_model(spec: str, kind: str, hub_default: str, embedded: str) -> str:
 
     if spec == hub_default and not _hub_cached(spec):
         try:
-            path = store.resolve(embedded, kind)  # type: ignore[arg-type]
+            path = store.resolve(embedded, kind)
         except ModelLoadError:
             pass
         else:
             log.info("%s is not on this machine; using the embedded %s model %s", spec, kind, embedded)
             return path
-    return store.resolve(spec, kind)  # type: ignore[arg-type]
+    return store.resolve(spec, kind)
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -69,14 +75,22 @@ class Unavailable:
     def load(self) -> None:
         raise ModelLoadError(self._reason)
 
-    def unload(self) -> None:  # pragma: no cover - never loaded
+    def unload(self) -> None:
         pass
 
     def forget(self, cache_key: str) -> None:
         pass
 
-    def transcribe(self, *args: object, **kwargs: object) -> None:  # pragma: no cover - never loaded
-        raise ModelLoadError(self._reason)
+    def transcribe(self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None) -> NoReturn:
+        raise ModelLoadError(self._reason)  # never reached: the worker only runs loaded models
 
-    def stream(self, *args: object, **kwargs: object) -> None:  # pragma: no cover - never loaded
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        should_stop: ShouldStop,
+        cache_key: str | None = None,
+    ) -> Iterator[GenerationStep]:
         raise ModelLoadError(self._reason)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .base import DecodingSettings, ModelLoadError, TranscriptResult
 from .device import compute_dtype, prefers_half_precision
+from .hub import model_folder
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -76,7 +77,8 @@ def _cast_floats(model: nn.Module, dtype: Any) -> None:
 
 
 class MlxWhisperTranscriber:
-    """One mlx-whisper model folder (``config.json`` + ``weights.safetensors``); load and run on the model thread."""
+    """One mlx-whisper model folder (``config.json`` + ``weights.safetensors``) or a Hugging Face hub id; load and run
+    on the model thread."""
 
     def __init__(
         self,
@@ -87,21 +89,22 @@ class MlxWhisperTranscriber:
         min_speech_dbfs: float | None = MIN_SPEECH_DBFS,
     ) -> None:
         """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off."""
+        self.spec = os.fspath(model)
         self.path = Path(model)
-        self.name = self.path.name or str(model)
+        self.name = self.path.name or self.spec
         self.decoding = decoding
         self.fp16 = fp16
         self.min_speech_dbfs = min_speech_dbfs
         self._model: Any = None
 
     def load(self) -> None:
-        config = self.path / "config.json"
-        if not config.is_file():
-            # mlx_whisper would treat a missing folder as a Hugging Face repo id and try to download it.
-            raise ModelLoadError(
-                f"Whisper model not found: {self.path} has no config.json "
-                "(run `sottovoce models fetch-defaults` or pass --whisper-model DIR)"
-            )
+        # A missing folder that looks like "org/name" is looked up in the Hugging Face cache (mlx_whisper would do
+        # that too, but with a traceback instead of a message saying how to get a model).
+        self.path = model_folder(
+            self.spec,
+            what="Whisper model",
+            folder_hint="run `sottovoce models fetch-defaults` or pass --whisper-model DIR",
+        )
         from mlx_whisper.load_models import load_model
 
         if self.fp16 is None:
@@ -127,6 +130,20 @@ class MlxWhisperTranscriber:
             time.perf_counter() - loaded,
         )
 
+    def unload(self) -> None:
+        """Free the weights (mlx_whisper's per-process model cache too, when it holds ours); ``load()`` brings them
+        back."""
+        if self._model is None:
+            return
+        import mlx.core as mx
+        from mlx_whisper.transcribe import ModelHolder
+
+        if ModelHolder.model is self._model:
+            ModelHolder.model = None
+            ModelHolder.model_path = None
+        self._model = None
+        mx.clear_cache()
+
     def _warm_fallback_sampling(self) -> None:
         """Build the sampling kernel of every fallback temperature now rather than on the first hard utterance.
 
@@ -143,7 +160,11 @@ class MlxWhisperTranscriber:
             if temperature > 0:
                 mx.eval(categorical(logits, temperature))
 
-    def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> TranscriptResult:
+    def transcribe(
+        self, pcm: np.ndarray, *, language: str | None = None, prompt: str | None = None
+    ) -> TranscriptResult:
+        """``prompt``: text said just before this audio (Whisper's ``initial_prompt``): a recording transcribed
+        stretch by stretch gives each stretch the text so far, for spelling, names and punctuation."""
         if self._model is None:
             raise RuntimeError("MlxWhisperTranscriber.transcribe() called before load()")
         audio = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
@@ -153,7 +174,9 @@ class MlxWhisperTranscriber:
             if level < self.min_speech_dbfs:
                 logger.debug("no speech: loudest frame %.1f dBFS < %.1f; Whisper not run", level, self.min_speech_dbfs)
                 return TranscriptResult("", language, True, 0)
-        raw = self._run(audio, language, temperature=self.decoding.temperatures)
+        # Whisper keeps at most the last 223 prompt tokens itself; "" or whitespace would decode as a lone space.
+        initial_prompt = prompt if prompt and prompt.strip() else None
+        raw = self._run(audio, language, temperature=self.decoding.temperatures, initial_prompt=initial_prompt)
         return self._result(raw, language)
 
     def _run(self, audio: np.ndarray, language: str | None, **options: Any) -> dict[str, Any]:

@@ -369,3 +369,140 @@ def test_new_temperatures_need_no_kernel_compile(chat: MlxChatModel) -> None:
         steps = run(chat, max_tokens=4, temperature=float(temperature))
         assert steps[-1].generated_tokens == 4
         assert time.perf_counter() - started < 0.5, temperature
+
+
+# ------------------------------------------------------------------------------------------- whisper prompt
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   "], ids=["none", "empty", "blank"])
+def test_no_prompt_changes_nothing(
+    transcriber: MlxWhisperTranscriber, monkeypatch: pytest.MonkeyPatch, prompt: str | None
+) -> None:
+    before = transcriber.transcribe(noise(1.0, -20))
+    counter = CountingTranscribe()
+    monkeypatch.setattr(mlx_whisper, "transcribe", counter)
+
+    assert transcriber.transcribe(noise(1.0, -20), prompt=prompt) == before
+    (kwargs,) = counter.calls
+    assert kwargs["initial_prompt"] is None  # mlx_whisper's default: no previous text
+
+
+def test_prompt_is_whispers_initial_prompt(transcriber: MlxWhisperTranscriber, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = CountingTranscribe(fake={"text": " and then Paris.", "segments": [{"text": " and then Paris."}]})
+    monkeypatch.setattr(mlx_whisper, "transcribe", counter)
+
+    result = transcriber.transcribe(noise(1.0, -20), language="en", prompt="We flew from Sottovoce airport")
+
+    assert result == TranscriptResult("and then Paris.", "en", False, 1)  # the prompt is context, not output
+    (kwargs,) = counter.calls
+    assert kwargs["initial_prompt"] == "We flew from Sottovoce airport"
+    assert kwargs["language"] == "en" and kwargs["temperature"] == DecodingSettings().temperatures
+    # Silence is still stopped before Whisper, prompt or not.
+    assert transcriber.transcribe(np.zeros(SR, np.float32), prompt="context").no_speech
+    assert len(counter.calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ hub ids
+
+
+def fake_hf_cache(
+    root: Path, repo_id: str, model_dir: Path, revision: str = "0123456789abcdef" * 2 + "01234567"
+) -> Path:
+    """Lay out ``model_dir`` in ``root`` the way huggingface_hub caches a model repo; returns the snapshot folder."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache in ``tmp_path`` (offline: conftest sets HF_HUB_OFFLINE=1 before any import)."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE, "tests must never reach the hub"
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads HF_HUB_CACHE when it is imported: point the already-imported constant there too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_chat_model_from_a_cached_hub_id(hf_cache: Path, tiny_llm_dir: Path) -> None:
+    snapshot = fake_hf_cache(hf_cache, "test-org/tiny-llm", tiny_llm_dir)
+    model = MlxChatModel("test-org/tiny-llm")
+    assert model.name == "tiny-llm"
+
+    model.load()
+
+    assert model.path == snapshot
+    assert run(model, max_tokens=3)[-1].generated_tokens == 3
+
+
+def test_whisper_from_a_cached_hub_id(hf_cache: Path, tiny_whisper_dir: Path) -> None:
+    snapshot = fake_hf_cache(hf_cache, "test-org/tiny-whisper", tiny_whisper_dir)
+    t = MlxWhisperTranscriber("test-org/tiny-whisper")
+    assert t.name == "tiny-whisper"
+
+    t.load()
+
+    assert t.path == snapshot
+    assert t.transcribe(noise(1.0, -20)).text == "hello world"
+
+
+@pytest.mark.parametrize("backend", [MlxChatModel, MlxWhisperTranscriber], ids=["llm", "whisper"])
+def test_uncached_hub_id_offline_is_a_load_error(hf_cache: Path, backend: Any) -> None:
+    with pytest.raises(ModelLoadError) as excinfo:
+        backend("mlx-community/Meta-Llama-3-8B-Instruct-4bit").load()
+    message = str(excinfo.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert "mlx-community/Meta-Llama-3-8B-Instruct-4bit is neither a local folder" in message
+    assert "sottovoce models fetch-defaults" in message and "sottovoce models import" in message
+
+
+def test_existing_relative_folder_wins_over_a_hub_id(
+    hf_cache: Path, tiny_llm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hf_cache(hf_cache, "models/tiny", tiny_llm_dir)
+    shutil.copytree(tiny_llm_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    model = MlxChatModel("models/tiny")
+    model.load()
+    assert model.path == Path("models/tiny")
+
+
+def test_hub_snapshot_without_config_is_a_load_error(hf_cache: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("nothing here\n")
+    fake_hf_cache(hf_cache, "test-org/empty", empty)
+    with pytest.raises(ModelLoadError, match=r"has no config\.json.*models fetch-defaults"):
+        MlxChatModel("test-org/empty").load()
+
+
+def test_looks_like_hub_id() -> None:
+    from sottovoce.daemon.backends.hub import looks_like_hub_id
+
+    assert looks_like_hub_id("mlx-community/Meta-Llama-3-8B-Instruct-4bit")
+    assert looks_like_hub_id("org/name.v1_2")
+    for spec in ("/abs/path", "./rel", "~/models/x", "a/b/c", "name", "org/", "../x", "org/..", ""):
+        assert not looks_like_hub_id(spec), spec
+
+
+def test_whisper_unload_and_load_again(tiny_whisper_dir: Path) -> None:
+    t = MlxWhisperTranscriber(str(tiny_whisper_dir))
+    t.load()
+    holder = sys.modules["mlx_whisper.transcribe"].ModelHolder
+    assert t.transcribe(noise(1.0, -20)).text == "hello world" and holder.model is t._model
+
+    t.unload()
+    t.unload()  # twice is harmless
+
+    assert t._model is None and holder.model is None  # mlx_whisper's cache no longer pins the weights
+    with pytest.raises(RuntimeError, match="before load"):
+        t.transcribe(noise(1.0, -20))
+    t.load()
+    assert t.transcribe(noise(1.0, -20)).text == "hello world"
