@@ -146,7 +146,9 @@ class ModelWorker:
         history_turns: int = 0,
         whisper_keep_alive: float = 0.0,
         llm_keep_alive: float = 0.0,
+        language: str | None = None,
     ) -> None:
+        self._language = language
         self._transcriber = transcriber
         self._history_turns = history_turns
         self._conversations: dict[bytes, list[ChatMessage]] = {}
@@ -281,7 +283,8 @@ class ModelWorker:
         if result is None:
             # The text so far is Whisper's context for this stretch, as it would be inside one long transcription.
             context = " ".join(early.texts)[-MAX_PROMPT_CHARS:] or None
-            result = self._transcribe(job.pcm, None, prompt=context)
+            # The language found in the first stretch holds for the rest: short stretches misdetect on their own.
+            result = self._transcribe(job.pcm, self._language or early.language, prompt=context)
         early.seconds += time.perf_counter() - started
         if job.tentative:
             early.tentative = (job.start, job.speech_until, result)
