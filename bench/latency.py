@@ -11,7 +11,7 @@ Measured from the end of the speech: final transcript, first answer chunk, done.
 Also: word error rate of both transcripts (incremental must be as good as whole), the daemon's overhead against
 calling the same model functions in this process, and a follow-up question's prefill against a cold one.
 
-    .venv/bin/python bench/latency.py                    # writes bench/latency.md, bench/latency.png
+    .venv/bin/python bench/latency.py        # updates the latency section of bench/README.md, docs/images/latency.png
     .venv/bin/python bench/latency.py --lengths 5 10 --repeats 1 --whisper DIR --llm DIR
 """
 
@@ -178,8 +178,10 @@ def main() -> int:
     parser.add_argument("--llm", default="smollm2-135m-instruct")
     parser.add_argument("--lengths", type=float, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "latency.md")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "latency.png")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "README.md", help="file whose latency section is replaced"
+    )
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "latency.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = parser.parse_args()
 
@@ -189,8 +191,9 @@ def main() -> int:
     )
     ours = run_mode("ours", args, [], clips, stream=True)
     direct = in_process_overhead(args, clips)
-    report = render(args, clips, seed, ours, direct)
-    args.out.write_text(report)
+    follow = follow_up_prefill(args)
+    report = render(args, clips, seed, ours, direct, follow)
+    replace_section(args.out, report)
     print(report)
     plot(args, clips, seed, ours)
     if args.json:
@@ -198,11 +201,61 @@ def main() -> int:
     return 0
 
 
+BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
+
+
+def replace_section(path: Path, report: str) -> None:
+    """Put the report between the markers in ``path`` (the rest of the file is kept)."""
+    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{report}{END}{tail}")
+
+
+def follow_up_prefill(args: argparse.Namespace, repeats: int = 3) -> dict[str, float]:
+    """Prefill seconds of a follow-up question (system + 2 turns + question) with and without the KV cache."""
+    from sottovoce.client import config
+    from sottovoce.daemon.backends.base import ChatMessage
+    from sottovoce.daemon.backends.factory import resolve_model
+    from sottovoce.daemon.backends.mlx_lm_backend import MlxChatModel
+
+    path = resolve_model(args.llm, "llm", "", "")
+    cached, cold = MlxChatModel(path), MlxChatModel(path, max_conversations=0, max_system_prompts=0)
+    cached.load()
+    cold.load()
+    turns = [ChatMessage("system", config.DEFAULT_SYSTEM_PROMPT)]
+    questions = [QUESTION, "What is it famous for?", "How many people live there?"]
+    times: dict[str, list[float]] = {"cached": [], "cold": []}
+    tokens = {"prompt": 0, "cached": 0}
+    for run in range(repeats):
+        key = f"bench-{run}"
+        turns = turns[:1]
+        for n, question in enumerate(questions):
+            turns.append(ChatMessage("user", question))
+            answer = ""
+            for step in cached.stream(turns, max_tokens=24, temperature=0.0, should_stop=lambda: False, cache_key=key):
+                answer += step.text
+            if n == len(questions) - 1:
+                times["cached"].append(step.prompt_seconds)
+                tokens = {"prompt": step.prompt_tokens, "cached": step.cached_tokens}
+                cold_steps = list(cold.stream(turns, max_tokens=1, temperature=0.0, should_stop=lambda: False))
+                times["cold"].append(cold_steps[-1].prompt_seconds)
+            turns.append(ChatMessage("assistant", answer))
+    return {
+        "cold": statistics.median(times["cold"]),
+        "cached": statistics.median(times["cached"]),
+        "prompt_tokens": tokens["prompt"],
+        "cached_tokens": tokens["cached"],
+    }
+
+
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(float(r[key]) for r in runs)
 
 
-def render(args, clips, seed, ours, direct) -> str:
+def render(args, clips, seed, ours, direct, follow) -> str:
     lines = [
         "# Voice-turn latency: seed design vs ours",
         "",
@@ -232,6 +285,17 @@ def render(args, clips, seed, ours, direct) -> str:
     for seconds, (length, direct_s) in zip(args.lengths, direct, strict=True):
         daemon_s = median(seed[seconds], "ask_to_done")
         lines.append(f"| {length:.1f} s | {direct_s:.2f} | {daemon_s:.2f} | {daemon_s / direct_s:.2f}x |")
+    lines += [
+        "",
+        "## Follow-up question: prefill with the conversation's KV cache against a cold prefill",
+        "",
+        f"Third question of a conversation ({follow['prompt_tokens']} prompt tokens, {follow['cached_tokens']} of them "
+        "cached from the earlier turns), median of 3, in process.",
+        "",
+        "| cold prefill | cached prefill | ratio |",
+        "|---|---|---|",
+        f"| {follow['cold']:.3f} s | {follow['cached']:.3f} s | **{follow['cached'] / follow['cold']:.2f}x** |",
+    ]
     return "\n".join(lines) + "\n"
 
 
