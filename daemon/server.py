@@ -262,7 +262,10 @@ class Server:
     def _emit_threadsafe(self, identity: bytes, msg: p.Message, final: bool) -> None:
         """Called from the model thread: hop onto the loop, which alone touches the socket."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, identity, msg, final)
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, identity, msg, final)
+        except RuntimeError:  # the loop closed while the model thread finished an ask during shutdown
+            log.debug("dropped %s for %s: the daemon is shutting down", msg.TYPE, identity.hex())
 
     def _deliver(self, identity: bytes, msg: p.Message, final: bool) -> None:
         if final:
