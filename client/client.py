@@ -182,20 +182,18 @@ class Client:
         With ``audio``, the recording is sent as chunks first; with neither ``text`` nor ``audio``, the daemon uses
         the chunks already sent with ``send_chunk``. Options: max_tokens, temperature, language, system_prompt.
         """
-        self._ensure_hello()
         if text is not None and audio is not None:
             raise ValueError("ask with text or audio, not both")
         if audio is not None:
+            self._ensure_hello()
             pcm = _as_mono_float32(audio)
             for start in range(0, max(pcm.size, 1), STREAM_CHUNK_SAMPLES):
                 self.send_chunk(pcm[start : start + STREAM_CHUNK_SAMPLES], rate)
-        msg = p.Ask(text=text, stream=options.pop("stream", True), **options)
-        msg.validate()
-        self._send(msg)
+        ask_id = self.begin_ask(text, **options)
         seen_errors = len(self.chunk_errors)
         try:
             while True:
-                reply = self._wait_for(msg.id, self.timeout, waiting_for="the answer")
+                reply = self._wait_for(ask_id, self.timeout, waiting_for="the answer")
                 if warnings is not None and len(self.chunk_errors) > seen_errors:
                     warnings.extend(e.text for e in self.chunk_errors[seen_errors:])
                     seen_errors = len(self.chunk_errors)
@@ -203,7 +201,28 @@ class Client:
                 if isinstance(reply, p.Done):
                     return
         finally:
-            self._open.pop(msg.id, None)
+            self.forget(ask_id)
+
+    def begin_ask(self, text: str | None = None, **options: Any) -> str:
+        """Send an ask without waiting (for event loops that must stay responsive); read its replies with
+        `next_reply` and call `forget` when done with it. Returns the ask's id."""
+        self._ensure_hello()
+        msg = p.Ask(text=text, stream=options.pop("stream", True), **options)
+        msg.validate()
+        self._open[msg.id] = collections.deque()  # replies that arrive while waiting for something else are kept
+        self._send(msg)
+        return msg.id
+
+    def next_reply(self, ask_id: str, timeout: float) -> p.Message | None:
+        """The next reply to ``ask_id``, or None after ``timeout`` seconds; its `error` raises RemoteError."""
+        try:
+            return self._wait_for(ask_id, timeout, waiting_for="the answer")
+        except Timeout:
+            return None
+
+    def forget(self, ask_id: str) -> None:
+        """Stop keeping replies for ``ask_id`` (late ones are dropped)."""
+        self._open.pop(ask_id, None)
 
     def drain(self, timeout: float = 0.0) -> list[p.TranscriptChunk]:
         """Read what the daemon sent unasked for up to ``timeout`` seconds (refused chunks go to `chunk_errors`);

@@ -17,19 +17,18 @@ Everything it learns goes to the controller as ``state`` events tagged with the 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from sottovoce.client import protocol as p
 from sottovoce.client.client import Client
-from sottovoce.client.errors import RemoteError, SottovoceError, Timeout
+from sottovoce.client.errors import RemoteError, SottovoceError
 
 from . import state as s
 from .audio import (
@@ -100,27 +99,8 @@ class Shutdown:
     pass
 
 
-class TrayClient(Client):
-    """The client with the three steps the IO thread needs to stay responsive during an answer: send the ask,
-    wait for its next reply a little at a time (probing the daemon in between), and forget it."""
-
-    def begin_ask(self, **options: Any) -> str:
-        self._ensure_hello()
-        msg = p.Ask(text=None, stream=True, **options)
-        msg.validate()
-        self._open[msg.id] = collections.deque()  # so replies that arrive during a probe are kept for it
-        self._send(msg)
-        return msg.id
-
-    def next_reply(self, ask_id: str, timeout: float) -> p.Message | None:
-        """The ask's next reply, or None after ``timeout``; its ``error`` raises RemoteError."""
-        try:
-            return self._wait_for(ask_id, timeout, waiting_for="the answer")
-        except Timeout:
-            return None
-
-    def forget(self, ask_id: str) -> None:
-        self._open.pop(ask_id, None)
+TrayClient: TypeAlias = Client
+"""The tray's IO thread uses `Client.begin_ask` / `next_reply` / `forget` to stay responsive during an answer."""
 
 
 @dataclasses.dataclass
