@@ -82,6 +82,9 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # Queue nothing while no daemon is connected: otherwise a restarted daemon would replay what was sent to a
+        # dead one (an abandoned ask would run again).
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
         security.secure_client_socket(self._sock, self.endpoint)
         self._sock.connect(self.endpoint)
         self._open: dict[str, collections.deque[p.Message]] = {}
@@ -244,10 +247,17 @@ class Client:
     def _check_socket_file(self) -> None:
         # A ZeroMQ connect never fails: an absent ipc file is the clearest "not running" sign there is.
         path = paths.ipc_path(self.endpoint)
-        if path is not None and not path.exists():
+        try:
+            exists = path is None or path.exists()
+        except PermissionError:
+            raise DaemonUnavailable(f"{self.endpoint} belongs to another user: it is not your daemon") from None
+        if not exists:
             raise DaemonUnavailable(f"sottovoce daemon not running at {self.endpoint} (start it: `sottovoce daemon`)")
 
     def _send(self, msg: p.Message) -> None:
+        if not self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
+            self._check_socket_file()
+            raise DaemonUnavailable(f"no sottovoce daemon is connected at {self.endpoint}")
         try:
             self._sock.send_multipart(p.encode(msg), flags=zmq.DONTWAIT)
         except zmq.Again:

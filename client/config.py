@@ -81,6 +81,45 @@ def _check_nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+_WHISPER_CODES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la mi "
+    "ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd "
+    "gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
+)
+WHISPER_LANGUAGES = frozenset(_WHISPER_CODES.split())
+"""The language codes Whisper knows (``mlx_whisper.tokenizer.LANGUAGES``; a test keeps the two in step). Copied
+because importing mlx_whisper would load ``mlx.core``, which the lean client must not (and the daemon must not before
+OpenBLAS is preloaded)."""
+
+
+def parse_languages(value: str | None) -> tuple[str, ...] | None:
+    """The ``languages`` setting as codes (lower case, in order, each once); None when unset."""
+    if value is None:
+        return None
+    codes = [code.strip().lower() for code in value.split(",")]
+    return tuple(dict.fromkeys(code for code in codes if code)) or None
+
+
+def _check_languages(value: str) -> str | None:
+    codes = [code.strip() for code in value.split(",")]
+    if not any(codes):
+        return "must list language codes separated by commas, e.g. en,de"
+    if "" in codes:
+        return "has an empty entry (separate the codes by single commas, e.g. en,de)"
+    unknown = [code for code in codes if code.lower() not in WHISPER_LANGUAGES]
+    if not unknown:
+        return None
+    hint = ""
+    regional = [code for code in unknown if code[:2].lower() in WHISPER_LANGUAGES and code[2:3] in ("-", "_")]
+    if regional:
+        hint = f"; write {regional[0][:2].lower()!r}, not {regional[0]!r} (Whisper has no regional variants)"
+    names = ", ".join(repr(code) for code in unknown)
+    return (
+        f"has {'an unknown language code' if len(unknown) == 1 else 'unknown language codes'} {names}: use the "
+        f"two-letter ISO 639-1 codes Whisper knows (en, de, fr, es, it, ja, zh, ...; `haw`, `yue` too){hint}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     endpoint: str = _field(
@@ -96,6 +135,13 @@ class Settings:
     max_tokens: int = _field(256, "default cap on answer tokens (an ask may lower or raise it)", lo=1, hi=32768)
     temperature: float = _field(0.0, "default sampling temperature (0 = greedy)", lo=0.0, hi=2.0)
     language: str | None = _field(None, "spoken language code (e.g. 'en'); unset = detect", example="en")
+    languages: str | None = _field(
+        None,
+        "languages that detection may pick, comma-separated Whisper codes (e.g. 'en,de'): short clips misdetect "
+        "otherwise; unset = any. Multilingual Whisper only; `language` overrides it",
+        check=_check_languages,
+        example="en,de",
+    )
     buffer_seconds: float = _field(600.0, "cap on one client's buffered audio, in seconds", lo=1.0, hi=7200.0)
     max_chunk_seconds: float = _field(30.0, "cap on one chunk message, in seconds of audio", lo=0.1, hi=600.0)
     queue_depth: int = _field(4, "asks waiting for the model thread before new ones get `busy`", lo=1, hi=1024)

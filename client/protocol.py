@@ -476,6 +476,11 @@ def decode(frames: Sequence[bytes], *, allowed: frozenset[str] | None = None) ->
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "header must be a JSON object")
+    try:
+        # JSON may spell lone UTF-16 surrogates ("\ud800") that no UTF-8 reply could carry back.
+        json.dumps(header, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "header holds a lone UTF-16 surrogate or nests too deeply") from None
     ref = _ref_of(header)
     kind = header.get("type")
     if not isinstance(kind, str):

@@ -30,6 +30,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--buffer-seconds", type=float, help="cap on one client's buffered audio")
     parser.add_argument("--queue-depth", type=int, help="asks that may wait before `busy`")
     parser.add_argument("--log-text", action="store_true", default=None, help="log transcripts and answers")
+    parser.add_argument(
+        "--languages", help="languages detection may pick, comma-separated Whisper codes (e.g. en,de; default: any)"
+    )
+    parser.add_argument(
+        "--incremental",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="transcribe stretches of speech while the person talks (--no-incremental: the seed design)",
+    )
+    parser.add_argument("--history-turns", type=int, help="conversation turns remembered per client (0 = none)")
+    parser.add_argument(
+        "--prompt-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of the system prompt and of earlier turns",
+    )
+    parser.add_argument("--whisper-keep-alive", type=float, help="unload Whisper after this many idle seconds")
+    parser.add_argument("--llm-keep-alive", type=float, help="unload the chat model after this many idle seconds")
+    parser.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="TCP on a loopback host without CURVE keys: any local user can connect (default: CURVE required)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run)
 
@@ -43,6 +66,12 @@ FLAG_KEYS = (
     "buffer_seconds",
     "queue_depth",
     "log_text",
+    "languages",
+    "incremental",
+    "history_turns",
+    "prompt_cache",
+    "whisper_keep_alive",
+    "llm_keep_alive",
 )
 
 
@@ -60,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, insecure_loopback=args.insecure_loopback))
     except (
         AlreadyRunningError,
         paths.UnsafeDirectoryError,
@@ -75,7 +104,7 @@ class EndpointError(RuntimeError):
     pass
 
 
-async def serve(settings: config.Settings) -> int:
+async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -> int:
     import zmq
     import zmq.asyncio
 
@@ -84,7 +113,7 @@ async def serve(settings: config.Settings) -> int:
     from .worker import ModelWorker
 
     endpoint = settings.endpoint
-    security.check_endpoint(endpoint)
+    security.check_endpoint(endpoint, insecure_loopback=insecure_loopback)
     runtime = paths.ensure_private_dir(paths.runtime_dir())
     ipc = paths.ipc_path(endpoint)
     if ipc is not None:
@@ -96,7 +125,14 @@ async def serve(settings: config.Settings) -> int:
     server = Server(
         settings,
         lambda emit: ModelWorker(
-            transcriber, chat_model, emit, queue_depth=settings.queue_depth, log_text=settings.log_text
+            transcriber,
+            chat_model,
+            emit,
+            log_text=settings.log_text,
+            history_turns=settings.history_turns,
+            whisper_keep_alive=settings.whisper_keep_alive,
+            llm_keep_alive=settings.llm_keep_alive,
+            language=settings.language,
         ),
         version=_version(),
     )
@@ -105,7 +141,7 @@ async def serve(settings: config.Settings) -> int:
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of vanishing silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
-    authenticator = security.secure_server_socket(sock, ctx, endpoint)
+    authenticator = security.secure_server_socket(sock, ctx, endpoint, insecure_loopback=insecure_loopback)
     try:
         if ipc is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -120,6 +156,8 @@ async def serve(settings: config.Settings) -> int:
     except zmq.ZMQError as exc:
         lock.release()
         sock.close()
+        if authenticator is not None:
+            authenticator.stop()  # before term(): its open ZAP socket would block term() forever
         ctx.term()
         raise EndpointError(f"cannot listen on {endpoint}: {exc}") from None
 
@@ -131,12 +169,12 @@ async def serve(settings: config.Settings) -> int:
         await server.serve(sock)
     finally:
         sock.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()  # before term(): its open ZAP socket would block term() forever
         ctx.term()
         if ipc is not None:
             with contextlib.suppress(FileNotFoundError):
                 ipc.unlink()
-        if authenticator is not None:
-            authenticator.stop()
         lock.release()
         log.info("sottovoce daemon stopped")
     return 0

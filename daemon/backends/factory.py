@@ -28,7 +28,9 @@ def build_backends(settings: config.Settings) -> tuple[Transcriber, ChatModel]:
     chat: ChatModel
     try:
         whisper_path = resolve_model(settings.whisper_model, "whisper", config.DEFAULT_WHISPER, EMBEDDED_WHISPER)
-        transcriber = MlxWhisperTranscriber(whisper_path, fp16=settings.fp16)
+        transcriber = MlxWhisperTranscriber(
+            whisper_path, fp16=settings.fp16, allowed_languages=config.parse_languages(settings.languages)
+        )
     except ModelLoadError as exc:
         transcriber = Unavailable(settings.whisper_model, str(exc))
     try:

@@ -2,7 +2,8 @@
 
 Decoding is the seed app's: mlx_whisper's 30 s windows, temperature fallback, log-prob / no-speech / compression
 thresholds, and silent segments skipped. Added here: an energy gate before Whisper (silence and faint noise never
-reach the model: on them Whisper loops or hallucinates for seconds) and an explicit no-speech result after it.
+reach the model: on them Whisper loops or hallucinates for seconds), an explicit no-speech result after it, and
+language detection restricted to a list of allowed languages (a short clip often scores a wrong language highest).
 
 mlx / mlx_whisper are imported lazily so that importing this module never loads ``mlx.core`` before
 ``preload_openblas()`` ran.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,14 +89,22 @@ class MlxWhisperTranscriber:
         decoding: DecodingSettings = DecodingSettings(),  # noqa: B008 - frozen dataclass, safe to share
         fp16: bool | None = None,
         min_speech_dbfs: float | None = MIN_SPEECH_DBFS,
+        allowed_languages: Sequence[str] | None = None,
     ) -> None:
-        """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off."""
+        """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off.
+
+        ``allowed_languages``: Whisper language codes that detection may pick (None or empty: any). Used only when
+        ``transcribe`` is not given a language and the model is multilingual; an English-only model reports "en"
+        (a language given to ``transcribe`` is passed on and reported as given, as before)."""
         self.spec = os.fspath(model)
         self.path = Path(model)
         self.name = self.path.name or self.spec
         self.decoding = decoding
         self.fp16 = fp16
         self.min_speech_dbfs = min_speech_dbfs
+        self.allowed_languages = tuple(dict.fromkeys(code.strip().lower() for code in allowed_languages or ()))
+        self._allowed: tuple[str, ...] = ()
+        """``allowed_languages`` that the loaded model knows, in order; () = no restriction."""
         self._model: Any = None
 
     def load(self) -> None:
@@ -115,6 +125,7 @@ class MlxWhisperTranscriber:
             model = load_model(str(self.path), dtype=dtype)
             _cast_floats(model, dtype)
             self._model = model
+            self._allowed = self._usable_languages()
             loaded = time.perf_counter()
             # Warm-up: first calls allocate and build kernels. One short greedy pass is enough (sample_len caps it).
             self._run(np.zeros(SAMPLE_RATE, dtype=np.float32), None, temperature=(0.0,), sample_len=8)
@@ -144,6 +155,60 @@ class MlxWhisperTranscriber:
         self._model = None
         mx.clear_cache()
 
+    def _usable_languages(self) -> tuple[str, ...]:
+        """The allowed languages this model can detect; () when there is no restriction to apply."""
+        if not self.allowed_languages:
+            return ()
+        if not self._model.is_multilingual:
+            if self.allowed_languages != ("en",):
+                logger.info("Whisper %s is English-only: languages %s ignored", self.name, self.allowed_languages)
+            return ()
+        from mlx_whisper.tokenizer import get_tokenizer
+
+        known = set(get_tokenizer(True, num_languages=self._model.num_languages).all_language_codes)
+        usable = tuple(code for code in self.allowed_languages if code in known)
+        if len(usable) < len(self.allowed_languages):
+            dropped = [code for code in self.allowed_languages if code not in known]
+            logger.warning(
+                "Whisper %s does not know the language(s) %s: %s",
+                self.name,
+                ", ".join(dropped),
+                f"detection restricted to {', '.join(usable)}" if usable else "detection not restricted",
+            )
+        return usable
+
+    def _pick_language(self, audio: np.ndarray) -> str | None:
+        """The most probable allowed language of the first 30 s window, or None to let mlx_whisper detect any.
+
+        Done as ``mlx_whisper.transcribe`` does it (log-Mel of the whole clip padded with 30 s, first 3000 frames, in
+        the compute dtype, ``model.detect_language``), with the choice limited to the allowed languages. Costs one
+        encoder pass, as mlx_whisper's own detection does (the one it then skips).
+        """
+        if not self._allowed:
+            return None
+        if len(self._allowed) == 1:
+            return self._allowed[0]
+        from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+        model = self._model
+        started = time.perf_counter()
+        mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)
+        segment = pad_or_trim(mel, N_FRAMES, axis=-2).astype(compute_dtype(bool(self.fp16)))
+        _, probs = model.detect_language(segment)
+        best = max(self._allowed, key=lambda code: probs.get(code, 0.0))
+        if logger.isEnabledFor(logging.DEBUG):
+            overall = max(probs, key=probs.get)
+            logger.debug(
+                "language %s (p=%.2f) among %s; overall best %s (p=%.2f); %.2f s",
+                best,
+                probs.get(best, 0.0),
+                ",".join(self._allowed),
+                overall,
+                probs[overall],
+                time.perf_counter() - started,
+            )
+        return best
+
     def _warm_fallback_sampling(self) -> None:
         """Build the sampling kernel of every fallback temperature now rather than on the first hard utterance.
 
@@ -168,15 +233,27 @@ class MlxWhisperTranscriber:
         if self._model is None:
             raise RuntimeError("MlxWhisperTranscriber.transcribe() called before load()")
         audio = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
-        language = language or None
+        english_only = not self._model.is_multilingual
+        forced = language or None
+        # An English-only model has no language tokens and no detection: it says "en" unless told otherwise.
+        language = forced or ("en" if english_only else None)
+        if language is None and len(self._allowed) == 1:
+            language = self._allowed[0]
         if self.min_speech_dbfs is not None:
             level = loudest_frame_dbfs(audio)
             if level < self.min_speech_dbfs:
                 logger.debug("no speech: loudest frame %.1f dBFS < %.1f; Whisper not run", level, self.min_speech_dbfs)
                 return TranscriptResult("", language, True, 0)
+        if language is None:
+            language = self._pick_language(audio)
         # Whisper keeps at most the last 223 prompt tokens itself; "" or whitespace would decode as a lone space.
         initial_prompt = prompt if prompt and prompt.strip() else None
-        raw = self._run(audio, language, temperature=self.decoding.temperatures, initial_prompt=initial_prompt)
+        raw = self._run(
+            audio,
+            forced if english_only else language,  # mlx_whisper itself takes "en" for an English-only model
+            temperature=self.decoding.temperatures,
+            initial_prompt=initial_prompt,
+        )
         return self._result(raw, language)
 
     def _run(self, audio: np.ndarray, language: str | None, **options: Any) -> dict[str, Any]:
@@ -205,7 +282,7 @@ class MlxWhisperTranscriber:
         # mlx_whisper already dropped windows judged silent; it blanks instantaneous or empty segments.
         kept = [s for s in raw.get("segments", []) if str(s.get("text", "")).strip()]
         text = str(raw.get("text", "")).strip()
-        detected = raw.get("language") or language
+        detected = language or raw.get("language")
         if not kept or not _has_words(text):
             return TranscriptResult("", detected, True, 0)
         return TranscriptResult(text, detected, False, len(kept))
