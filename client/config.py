@@ -198,6 +198,12 @@ OTHER_ENV_VARS = frozenset(
         "SOTTOVOCE_OPENBLAS",  # 0 keeps MLX's bundled BLAS (daemon.blas)
         "SOTTOVOCE_SKIP_APT",  # CI install script
         "SOTTOVOCE_SKIP_MODELS",  # CI install script
+        "SOTTOVOCE_HISTORY",  # the tray's history file (tray.history)
+        "SOTTOVOCE_KEYS_DIR",  # CURVE keys (daemon.security, client.security)
+        "SOTTOVOCE_INSECURE_LOOPBACK",  # client side of --insecure-loopback (client.security)
+        "SOTTOVOCE_MODEL_CACHE",  # downloaded model wheels (tests)
+        "SOTTOVOCE_TEST_ARTIFACTS",  # desktop tests
+        "SOTTOVOCE_UPDATE_DOCS_IMAGES",  # desktop tests
     }
 )
 """SOTTOVOCE_* variables that are not settings; any other unknown one is probably a typo (see unknown_env_vars)."""

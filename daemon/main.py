@@ -20,7 +20,7 @@ from .lock import AlreadyRunningError, EndpointLock
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("daemon", help="run the daemon (owns the models, serves the socket)")
     parser.add_argument("--endpoint", help="ZeroMQ endpoint (default: ipc socket in a private runtime dir)")
     parser.add_argument("--whisper-model", help="Whisper model: store name, folder or hub id")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     try:
-        return asyncio.run(serve(settings, insecure_loopback=args.insecure_loopback))
+        code = asyncio.run(serve(settings, insecure_loopback=args.insecure_loopback))
     except (
         AlreadyRunningError,
         paths.UnsafeDirectoryError,
@@ -97,7 +97,16 @@ def run(args: argparse.Namespace) -> int:
         security.EndpointSecurityError,
     ) as exc:
         log.error("%s", exc)
-        return 1
+        code = 1
+    except OSError as exc:  # e.g. a full or unwritable runtime dir: say which, and let the service restart us
+        log.error("cannot start: %s%s", exc.strerror or exc, f": {exc.filename}" if exc.filename else "")
+        code = 1
+    # MLX's C++ teardown at interpreter exit sometimes aborts (SIGABRT) when models ran on a worker thread; all is
+    # closed and flushed by now, so skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class EndpointError(RuntimeError):
