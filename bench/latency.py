@@ -186,6 +186,7 @@ def main() -> int:
     args = parser.parse_args()
 
     clips = [utterance(seconds) for seconds in args.lengths]
+    args.load_start = os.getloadavg()[0]
     seed = run_mode(
         "seed", args, ["--no-incremental", "--no-prompt-cache", "--history-turns", "0"], clips, stream=False
     )
@@ -263,7 +264,8 @@ def render(args, clips, seed, ours, direct, follow) -> str:
         f"Python {platform.python_version()}. Models: Whisper `{args.whisper}`, LLM `{args.llm}` (float32, OpenBLAS). "
         f"Median of {args.repeats} run(s) after a warm-up; answers capped at {MAX_TOKENS} tokens, greedy. "
         f"Times in seconds from the end of the speech (the key is released {RELEASE_SECONDS} s later). "
-        "Made by `bench/latency.py`.",
+        f"Load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other work shared "
+        "the 2 cores). Made by `bench/latency.py`.",
         "",
         "| speech | seed: transcript | seed: first answer chunk | seed: done | ours: transcript | ours: first answer chunk | ours: done | first chunk, ours/seed | WER seed | WER ours |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -148,6 +148,11 @@ class Client:
         assert isinstance(reply, p.Ok)
         return reply.dropped_seconds
 
+    def warm(self) -> None:
+        """Ask the daemon to load models that keep-alive unloaded (send it when a recording starts)."""
+        self._ensure_hello()
+        self._request(p.Warm())
+
     def cancel(self) -> None:
         """Cancel this client's running ask (from the thread that iterates its stream, between events)."""
         self._ensure_hello()

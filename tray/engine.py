@@ -447,6 +447,8 @@ class Engine(threading.Thread):
         try:
             # Stale audio from an earlier turn never leaks into this one; the conversation is kept for follow-ups.
             client.reset(conversation=False)
+            # Models that keep-alive unloaded start loading now, while the person speaks.
+            client.warm()
         except SottovoceError as exc:
             self._turn = turn
             self._lose_daemon(f"the daemon did not answer `reset` ({exc})")
