@@ -23,8 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class Segmenter:
-    def __init__(self, submit: Callable[[Any], None], policy: CutPolicy = CutPolicy()) -> None:  # noqa: B008
+    def __init__(
+        self,
+        submit: Callable[[Any], None],
+        policy: CutPolicy = CutPolicy(),  # noqa: B008
+        idle: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """``idle()`` tells whether the model thread has nothing to do: tentative stretches are sent only then,
+        so speculation never delays real work when the machine cannot keep up with the speech."""
         self._submit = submit
+        self._idle = idle
         self._policy = policy
         self._inbox: queue.SimpleQueue[tuple[str, bytes, Any, Any]] = queue.SimpleQueue()
         self._trackers: dict[bytes, tuple[int, UtteranceTracker]] = {}
@@ -76,6 +84,8 @@ class Segmenter:
             self._trackers[identity] = current
         tracker = current[1]
         for stretch in tracker.feed(pcm):
+            if stretch.tentative and not self._idle():
+                continue
             if stretch.speech:
                 audio = tracker.audio(stretch.start, stretch.end)
                 self._submit(

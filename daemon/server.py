@@ -52,7 +52,7 @@ class Server:
         self._stopping: asyncio.Event | None = None
         self._started = time.monotonic()
         self.worker: ModelWorker = worker_factory(self._emit_threadsafe)
-        self.segmenter = Segmenter(self.worker.submit) if settings.incremental else None
+        self.segmenter = Segmenter(self.worker.submit, idle=self.worker.idle) if settings.incremental else None
 
     # ---- lifecycle ----
     async def serve(self, socket: zmq.asyncio.Socket) -> None:

@@ -162,6 +162,7 @@ class ModelWorker:
         self.llm = ModelState(chat_model.name, keep_alive=llm_keep_alive)
         self.ready = threading.Event()
         self.asks_served = 0
+        self._busy = False
 
     # ---- called from other threads ----
     def start(self) -> None:
@@ -172,6 +173,10 @@ class ModelWorker:
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def idle(self) -> bool:
+        """Nothing running or waiting: speculative work would delay nobody."""
+        return not self._busy and self._queue.empty()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._queue.put(None)
@@ -198,6 +203,7 @@ class ModelWorker:
                 self._ensure_loaded(self._transcriber, self.whisper)
                 self._ensure_loaded(self._chat, self.llm)
                 continue
+            self._busy = True
             try:
                 if isinstance(job, StretchJob):
                     self._transcribe_stretch(job)
@@ -210,6 +216,8 @@ class ModelWorker:
                     code = ErrorCode.MODEL_ERROR if _is_model_failure(exc) else ErrorCode.INTERNAL
                     error = Error(ref=job.ask_id, code=code, text=f"{type(exc).__name__}: {exc}")
                     self._emit(job.identity, error, True)
+            finally:
+                self._busy = False
 
     def _forget(self, identity: bytes) -> None:
         self._early.pop(identity, None)
