@@ -8,11 +8,9 @@ sequences from several clients, clients vanishing); the fuzzer explores raw byte
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,10 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 
 import harness
+from inproc import RunningServer  # type: ignore[import-not-found]
 
 from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
-from sottovoce.daemon.server import Server
 
 # ---- strategies ------------------------------------------------------------------------------------------------
 # Text excludes lone surrogates (hypothesis' default alphabet): they trip bug R1 (docs/reliability.md), pinned by
@@ -256,51 +254,18 @@ def test_saved_fuzzer_crash_inputs_pass_the_oracle(name: str) -> None:
 # ---- the same over a real ROUTER socket ------------------------------------------------------------------------
 
 
-class _SocketDaemon:
-    """Server + worker threads on a real ipc ROUTER (as daemon.main wires them, fake models)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        cfg = Settings(endpoint=endpoint, queue_depth=2, buffer_seconds=3.0, max_chunk_seconds=1.0, max_tokens=8)
-        self.server = Server(
-            cfg, harness.worker_factory(harness.EchoTranscriber(), harness.EchoChat(), cfg), version="t"
-        )
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-
-    async def _main(self) -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        self.loop = asyncio.get_running_loop()
-        self._ready.set()
-        try:
-            await self.server.serve(sock)
-        finally:
-            sock.close()
-            ctx.term()
-
-    def __enter__(self) -> _SocketDaemon:
-        self._thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.server.stop)
-        self._thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def socket_daemon(tmp_path_factory: pytest.TempPathFactory):
-    with _SocketDaemon(f"ipc://{tmp_path_factory.mktemp('fuzzsock')}/d.sock") as d:
+    """Server + worker threads on a real ipc ROUTER (as daemon.main wires them), with the fuzzer's fake models."""
+    endpoint = f"ipc://{tmp_path_factory.mktemp('fuzzsock')}/d.sock"
+    cfg = Settings(endpoint=endpoint, queue_depth=2, buffer_seconds=3.0, max_chunk_seconds=1.0, max_tokens=8)
+    with RunningServer(endpoint, cfg, harness.EchoTranscriber(), harness.EchoChat()) as d:
         yield d
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(frame_lists(), min_size=1, max_size=12))
-def test_real_socket_answers_every_bad_message_and_keeps_serving(socket_daemon: _SocketDaemon, batch) -> None:
+def test_real_socket_answers_every_bad_message_and_keeps_serving(socket_daemon: RunningServer, batch) -> None:
     """Bytes through libzmq, the asyncio receive loop and the thread hops: every reply decodes, none is `internal`,
     and a status sent after the batch is answered (the daemon neither died nor hung)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
