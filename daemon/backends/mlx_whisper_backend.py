@@ -128,7 +128,9 @@ class MlxWhisperTranscriber:
             self._allowed = self._usable_languages()
             loaded = time.perf_counter()
             # Warm-up: first calls allocate and build kernels. One short greedy pass is enough (sample_len caps it).
-            self._run(np.zeros(SAMPLE_RATE, dtype=np.float32), None, temperature=(0.0,), sample_len=8)
+            # A language, so that a multilingual model does not also run detection: one encoder pass, not two.
+            warm_language = "en" if model.is_multilingual else None
+            self._run(np.zeros(SAMPLE_RATE, dtype=np.float32), warm_language, temperature=(0.0,), sample_len=8)
             self._warm_fallback_sampling()
         except Exception as exc:
             self._model = None
