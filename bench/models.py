@@ -11,6 +11,10 @@ the bundled-BLAS runs (``SOTTOVOCE_OPENBLAS=0``) need processes of their own, an
 really got. The parent never imports mlx. The bundled BLAS is slow: those runs use only the 10 s clip, fewer repeats
 and fewer generated tokens (the table says so) to keep the whole run near 10 minutes on a 2-core machine.
 
+The machine may be shared: each configuration records how many cores other processes kept busy meanwhile (from
+/proc/stat less this process tree's CPU time), and those disturbed by more than BUSY_CORES are run again at the end
+within --retry-budget seconds, keeping the quieter run.
+
     .venv/bin/python bench/models.py                  # prints the table, writes bench/models.md
     .venv/bin/python bench/models.py --only whisper-tiny.en --no-write
 """
@@ -49,7 +53,7 @@ SENTENCES = [
 ]
 CLIPS = {
     10: [*SENTENCES[:2], "What is the capital of France?"],  # 10.0 s with espeak-ng 1.51
-    30: [*SENTENCES, "Turn off the lights in the kitchen."],  # 29.0 s: one 30 s Whisper window
+    30: [*SENTENCES, "Turn off the lights in the kitchen."],  # 29.0 s: fits one 30 s window (see "decoder passes")
 }
 PAUSE_SECONDS = 0.4
 LLM_PROMPT_TOKENS = 256
@@ -65,8 +69,8 @@ class Config:
     repeats: int = 3
     full_warmup: bool = True
     """Whisper: transcribe the clip once before timing; else load()'s own warm-up (1 s of silence through the encoder
-    and a few decoder steps) is the only one. LLM: one full run first; else a short one (16 tokens). The slow
-    configurations run after the fast ones have filled MLX's compiled-kernel cache on disk, so they compile nothing."""
+    and a few decoder steps) is the only one. LLM: the whole prompt and 8 tokens; else 16 prompt tokens and 8. The
+    slow configurations run after the fast ones have filled MLX's compiled-kernel cache on disk: they compile nothing."""
     gen_tokens: int = 128  # llm
     timeout: float = 240.0
 
@@ -81,7 +85,7 @@ def plan() -> list[Config]:
 
     With OpenBLAS, float32: both clips, warm-up on the clip, median of 3. The slow ones (MLX's bundled BLAS; float16,
     which is as slow on the CPU with or without OpenBLAS) take 20-60 s a run here: the 10 s clip, one run after the
-    load's warm-up. float16 without OpenBLAS runs for tiny.en only (base's would add ~2.5 minutes to show the same).
+    load's warm-up. float16 without OpenBLAS runs for tiny.en only (base's would add ~1.5 minutes to show the same).
     """
     whisper, llm = "whisper", "llm"
     slow = {"clips": (10,), "repeats": 1, "full_warmup": False, "timeout": 420.0}
@@ -104,7 +108,7 @@ def plan() -> list[Config]:
 def speech_clip(target: int) -> tuple[Any, str]:
     """espeak-ng sentences with short pauses, about ``target`` seconds (CLIPS)."""
     import numpy as np
-    from speech import say  # type: ignore[import-not-found]
+    from speech import say
 
     pause = np.zeros(int(PAUSE_SECONDS * 16_000), np.float32)
     parts: list[Any] = []
@@ -136,7 +140,7 @@ def child_whisper(config: Config) -> dict[str, Any]:
         passes.append(getattr(options, "temperature", 0.0))
         return real_decode(self, *args, **kwargs)
 
-    Whisper.decode = counting_decode  # type: ignore[method-assign]
+    Whisper.decode = counting_decode
     transcriber = MlxWhisperTranscriber(STORE / config.model, fp16=config.fp16)
     started = time.perf_counter()
     transcriber.load()
