@@ -295,7 +295,6 @@ class Client:
             raise remote_error(reply.code, reply.text, reply.ref)
         return reply
 
-
     def _receive_one(self) -> None:
         """Read one message and file it: under its open request, as an early transcript, or as a refused chunk."""
         try:
@@ -312,6 +311,7 @@ class Client:
         elif isinstance(reply, p.Error):
             self.chunk_errors.append(remote_error(reply.code, reply.text, reply_ref))
         # else: a late reply to an abandoned request (after a timeout): dropped.
+
 
 def _as_mono_float32(pcm: np.ndarray) -> np.ndarray:
     arr = np.asarray(pcm)

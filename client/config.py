@@ -33,9 +33,16 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def _field(default: Any, doc: str, **kw: Any) -> Any:
+    repr_ = not kw.get("secret", False)  # a secret never appears in a repr (nor, so, in a log line)
     if callable(default) and not isinstance(default, type):
-        return dataclasses.field(default_factory=default, metadata={"doc": doc, **kw})
-    return dataclasses.field(default=default, metadata={"doc": doc, **kw})
+        return dataclasses.field(default_factory=default, repr=repr_, metadata={"doc": doc, **kw})
+    return dataclasses.field(default=default, repr=repr_, metadata={"doc": doc, **kw})
+
+
+def is_secret(key: str) -> bool:
+    """Settings whose value is never printed (``config show`` says only whether it is set)."""
+    field = FIELDS.get(key)
+    return bool(field is not None and field.metadata.get("secret"))
 
 
 # ---- per-field checks beyond type and range: return an error text, or None when the value is fine ----------
@@ -74,6 +81,24 @@ def _check_hotkey(value: str) -> str | None:
             return f"must look like <ctrl>+<alt>+<space> ({part!r} should be one character or a <name>)"
     if len(set(names)) != len(names):
         return "names a key twice"
+    return None
+
+
+STT_ENGINES = ("auto", "mlx", "faster-whisper")
+LLM_ENGINES = ("auto", "mlx", "llama.cpp", "openai")
+
+
+def _check_choice(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _check_url(value: str) -> str | None:
+    scheme, sep, rest = value.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+        return "must be an http:// or https:// address, e.g. http://127.0.0.1:8000/v1"
     return None
 
 
@@ -130,7 +155,38 @@ class Settings:
     whisper_model: str = _field(
         DEFAULT_WHISPER, "Whisper model: a store name, a local folder or a hub id", check=_check_nonempty
     )
-    llm_model: str = _field(DEFAULT_LLM, "chat model: a store name, a local folder or a hub id", check=_check_nonempty)
+    llm_model: str = _field(
+        DEFAULT_LLM,
+        "chat model: a store name, a GGUF file, a local folder or a hub id (openai engine: the server's model name)",
+        check=_check_nonempty,
+    )
+    stt_engine: str = _field(
+        "auto",
+        "speech-to-text engine: auto (MLX on Apple Silicon, faster-whisper elsewhere), mlx or faster-whisper",
+        check=_check_choice(STT_ENGINES),
+    )
+    llm_engine: str = _field(
+        "auto",
+        "chat engine: auto (MLX on Apple Silicon, llama.cpp elsewhere), mlx, llama.cpp, or openai (llm_url's server)",
+        check=_check_choice(LLM_ENGINES),
+    )
+    llm_url: str | None = _field(
+        None,
+        "OpenAI-compatible server for the openai chat engine (vLLM, Ollama, llama.cpp server, mlx_lm.server)",
+        check=_check_url,
+        example="http://127.0.0.1:8000/v1",
+    )
+    llm_api_key: str | None = _field(
+        None,
+        "API key for the openai chat engine (else OPENAI_API_KEY); never shown by `config show` nor logged",
+        secret=True,
+        example="sk-...",
+    )
+    whisper_compute_type: str = _field(
+        "int8",
+        "faster-whisper's CTranslate2 compute type (int8: as accurate as float32 here, smaller; see bench/engines.md)",
+        check=_check_choice(("int8", "int8_float32", "float32", "float16", "int8_float16", "bfloat16", "default")),
+    )
     system_prompt: str = _field(DEFAULT_SYSTEM_PROMPT, "system prompt given to the chat model")
     max_tokens: int = _field(256, "default cap on answer tokens (an ask may lower or raise it)", lo=1, hi=32768)
     temperature: float = _field(0.0, "default sampling temperature (0 = greedy)", lo=0.0, hi=2.0)

@@ -45,6 +45,24 @@ def _config_error(exc: Exception) -> int:
     return EXIT_USAGE
 
 
+def _shown(key: str, value: Any) -> Any:
+    """A setting's value as `config show` prints it: secrets only say whether they are set."""
+    from . import config
+
+    if config.is_secret(key) and value is not None:
+        return "<set>"
+    return value
+
+
+def _engines(settings: Any) -> dict[str, str]:
+    """Per stage, which engine would run it and why (needs the daemon package; empty without it)."""
+    try:
+        from sottovoce.daemon import engines
+    except ImportError:
+        return {}
+    return engines.describe(settings)
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from . import config, paths
 
@@ -53,13 +71,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         settings, sources = config.load(config_path=path)
     except config.ConfigError as exc:
         return _config_error(exc)
-    values = {name: getattr(settings, name) for name in config.FIELDS}
+    values = {name: _shown(name, getattr(settings, name)) for name in config.FIELDS}
     unknown = config.unknown_env_vars()
+    engines = _engines(settings)
     if args.json:
         out: dict[str, Any] = {
             "config_file": str(path),
             "config_file_exists": path.exists(),
             "settings": {k: {"value": v, "source": sources[k]} for k, v in values.items()},
+            "engines": engines,
             "ignored_env": unknown,
         }
         print(json.dumps(out, ensure_ascii=False, indent=1))
@@ -71,6 +91,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         source = sources[key]
         label = "file" if source == str(path) else source
         print(f"{key:<{width}} = {config.toml_value(value)}  # {label}")
+    for stage, line in engines.items():
+        print(f"# {'speech-to-text' if stage == 'stt' else 'chat model'}: {line}")
     for var in unknown:
         print(f"# ignored {var}: not a sottovoce setting", file=sys.stderr)
     return EXIT_OK

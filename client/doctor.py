@@ -184,44 +184,60 @@ ROLE_LABEL = {"whisper": "whisper model", "llm": "chat model"}
 MODELS_FIX = "`sottovoce models fetch-defaults`, `sottovoce models import PATH`, or set {key} in the config"
 
 
-def check_model(role: str, spec: str, report: p.Report | None = None) -> Check:
-    """The model can be found (store name, folder with the right files, or a cached hub id) and, when the daemon
-    is up, the daemon loaded it. A folder that vanished while the daemon had the model unloaded shows up here."""
-    from sottovoce.daemon.backends.base import ModelLoadError
-    from sottovoce.daemon.backends.factory import EMBEDDED_LLM, EMBEDDED_WHISPER, _hub_cached, resolve_model
+def check_model(role: str, settings: config.Settings, report: p.Report | None = None) -> Check:
+    """The model can be found for its engine (store name, file or folder with the right files, or a cached hub id)
+    and, when the daemon is up, the daemon loaded it. A model that vanished while the daemon had it unloaded shows up
+    here. Says which engine runs it and why."""
+    from sottovoce.daemon import engines
+    from sottovoce.daemon.models.errors import ModelLoadError
 
     label, key = ROLE_LABEL[role], f"{role}_model"
     fix = MODELS_FIX.format(key=key)
-    hub_default = config.DEFAULT_WHISPER if role == "whisper" else config.DEFAULT_LLM
-    embedded = EMBEDDED_WHISPER if role == "whisper" else EMBEDDED_LLM
     state = (report.models.get(role) if report is not None else None) or {}
     if state.get("error"):
-        return Check(False, f"{label}: the daemon could not load {state.get('name', spec)}: {state['error']}", fix)
+        return Check(False, f"{label}: the daemon could not load {state.get('name', '?')}: {state['error']}", fix)
+    if state.get("loaded"):  # what the running daemon has is the truth, whatever this shell's settings say
+        engine = f"{state.get('engine', '?')} ({state.get('engine_reason', '')})"
+        return Check(True, f"{label}: {state.get('name', '?')} on {engine}, loaded in the daemon")
     try:
-        resolved = resolve_model(spec, role, hub_default, embedded)
+        plan = engines.plan_stt(settings) if role == "whisper" else engines.plan_llm(settings)
     except ModelLoadError as exc:
         return Check(False, f"{label}: {exc}", fix)
-    where = resolved if resolved == spec else f"{spec} -> {resolved}"
-    if not os.path.isabs(resolved) and not Path(resolved).exists():
-        if not _hub_cached(resolved):
+    where = plan.describe()
+    model = Path(plan.model)
+    if plan.engine == "openai":
+        return Check(True, f"{label}: {where} (the daemon checks the server when it loads)")
+    if not model.exists() and plan.convert is None:
+        if not engines.hub_cached(plan.model):
             return Check(
                 False,
-                f"{label}: {resolved} is a hub id that is not downloaded; the daemon would need the internet",
-                f"download it (`huggingface-cli download {resolved}`) or {fix}",
+                f"{label}: {plan.model} is a hub id that is not downloaded; the daemon would need the internet",
+                f"download it (`huggingface-cli download {plan.model}`) or {fix}",
             )
         where += " (hub cache)"
-    elif (problem := _weights_problem(Path(resolved), role)) is not None:
-        return Check(False, f"{label}: {resolved}: {problem}", f"re-import it: {fix}")
-    if state.get("loaded"):
-        return Check(True, f"{label}: {where}, loaded in the daemon")
-    if report is not None:
-        return Check(True, f"{label}: {where}, present (not loaded in the daemon right now)")
-    return Check(True, f"{label}: {where}, present")
+    elif (problem := _weights_problem(plan, role)) is not None:
+        return Check(False, f"{label}: {plan.model}: {problem}", f"re-import it: {fix}")
+    running = ", present (not loaded in the daemon right now)" if report is not None else ", present"
+    return Check(True, f"{label}: {where}{running}")
 
 
-def _weights_problem(folder: Path, role: str) -> str | None:
+def _weights_problem(plan: Any, role: str) -> str | None:
+    """Why the engine could not load the planned files (truncated, missing), or None."""
+    from sottovoce.daemon.models import gguf_header
+    from sottovoce.daemon.models.errors import ModelImportError
     from sottovoce.daemon.models.store import safetensors_dtype
 
+    if plan.convert is not None:
+        return None  # converted for MLX on first load, from a store entry checked when it was imported
+    folder = Path(plan.model)
+    if plan.engine == "faster-whisper":
+        return None if (folder / "model.bin").is_file() else "no model.bin in the folder"
+    if plan.engine == "llama.cpp":
+        try:
+            gguf_header.read_scalars(folder)
+        except ModelImportError as exc:
+            return str(exc)
+        return None
     pattern = "weights.safetensors" if role == "whisper" else "model*.safetensors"
     files = sorted(folder.glob(pattern))
     if not files and role == "whisper" and (folder / "weights.npz").is_file():
@@ -255,10 +271,27 @@ def check_model_loads(role: str, settings: config.Settings) -> Check:
 OPENBLAS_FIX = "install OpenBLAS (Debian/Ubuntu: `sudo apt install libopenblas0-pthread`), then restart the daemon"
 
 
-def check_openblas(pid: int | None, platform: str | None = None, environ: Mapping[str, str] | None = None) -> Check:
+def _uses_mlx(settings: config.Settings) -> bool:
+    from sottovoce.daemon import engines
+
+    return "mlx" in (
+        engines.choose_engine("stt", settings.stt_engine)[0],
+        engines.choose_engine("llm", settings.llm_engine)[0],
+    )
+
+
+def check_openblas(
+    pid: int | None,
+    platform: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    uses_mlx: bool = True,
+) -> Check:
     """On Linux CPU, MLX should run on OpenBLAS, not its bundled reference BLAS (~30x slower on matmuls)."""
     platform = platform or sys.platform
     environ = os.environ if environ is None else environ
+    if not uses_mlx:
+        return Check(None, "OpenBLAS: not needed (no stage runs on MLX)")
     if not platform.startswith("linux"):
         return Check(None, "OpenBLAS: not needed here (MLX uses Accelerate and Metal on macOS)")
     if environ.get("SOTTOVOCE_OPENBLAS", "1").strip() == "0":
@@ -644,12 +677,12 @@ def run_checks(opts: Options) -> list[Check]:
     pid = daemon_pid(endpoint)
     checks.append(check_daemon(probe, pid))
     checks.append(check_socket(endpoint))
-    for role, spec in (("whisper", settings.whisper_model), ("llm", settings.llm_model)):
-        check = check_model(role, spec, probe.report)
+    for role in ("whisper", "llm"):
+        check = check_model(role, settings, probe.report)
         if check.ok and opts.load_models and probe.info is None:
             check = check_model_loads(role, settings)
         checks.append(check)
-    checks.append(check_openblas(pid))
+    checks.append(check_openblas(pid, uses_mlx=_uses_mlx(settings)))
     if opts.microphone:
         checks.append(check_microphone(settings.microphone))
     else:

@@ -24,7 +24,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("daemon", help="run the daemon (owns the models, serves the socket)")
     parser.add_argument("--endpoint", help="ZeroMQ endpoint (default: ipc socket in a private runtime dir)")
     parser.add_argument("--whisper-model", help="Whisper model: store name, folder or hub id")
-    parser.add_argument("--llm-model", help="chat model: store name, folder or hub id")
+    parser.add_argument("--llm-model", help="chat model: store name, GGUF file, folder or hub id (openai: served name)")
+    parser.add_argument(
+        "--stt-engine",
+        choices=config.STT_ENGINES,
+        help="speech-to-text engine (default auto: MLX on Apple Silicon, faster-whisper elsewhere)",
+    )
+    parser.add_argument(
+        "--llm-engine",
+        choices=config.LLM_ENGINES,
+        help="chat engine (default auto: MLX on Apple Silicon, llama.cpp elsewhere; openai: a server at --llm-url)",
+    )
+    parser.add_argument(
+        "--whisper-compute-type",
+        help="faster-whisper's CTranslate2 compute type (default int8; float32, int8_float32, ...)",
+    )
+    parser.add_argument(
+        "--llm-url",
+        help="OpenAI-compatible server for --llm-engine openai (its key: llm_api_key in the config file or "
+        "SOTTOVOCE_LLM_API_KEY, never a flag)",
+    )
     parser.add_argument("--system-prompt", help="system prompt for the chat model")
     parser.add_argument("--max-tokens", type=int, help="default cap on answer tokens")
     parser.add_argument("--buffer-seconds", type=float, help="cap on one client's buffered audio")
@@ -61,6 +80,10 @@ FLAG_KEYS = (
     "endpoint",
     "whisper_model",
     "llm_model",
+    "stt_engine",
+    "llm_engine",
+    "llm_url",
+    "whisper_compute_type",
     "system_prompt",
     "max_tokens",
     "buffer_seconds",

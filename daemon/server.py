@@ -315,6 +315,8 @@ def _label(session: Session) -> str:
 def _model_report(state: ModelState) -> dict[str, Any]:
     return {
         "name": state.name,
+        "engine": state.engine,
+        "engine_reason": state.engine_reason,
         "loaded": state.loaded,
         "error": state.error,
         "load_seconds": None if state.load_seconds is None else round(state.load_seconds, 3),

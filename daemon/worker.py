@@ -30,7 +30,7 @@ from sottovoce.client.protocol import (
     TranscriptChunk,
 )
 
-from .backends.base import ChatMessage, ChatModel, ModelLoadError, Transcriber, TranscriptResult
+from .backends.base import ChatMessage, ChatModel, ModelLoadError, ModelRuntimeError, Transcriber, TranscriptResult
 from .textguard import cut_repetitions
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ class ModelState:
     """What `status` reports about one model (read from the IO thread; plain values only)."""
 
     name: str
+    engine: str = ""
+    """What runs the model ("mlx", "faster-whisper", "llama.cpp", "openai") and why."""
+    engine_reason: str = ""
     keep_alive: float = 0.0
     """Unload after this many idle seconds; 0 = never."""
     loaded: bool = False
@@ -158,8 +161,10 @@ class ModelWorker:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sottovoce-models", daemon=True)
         self._early: dict[bytes, _Early] = {}
-        self.whisper = ModelState(transcriber.name, keep_alive=whisper_keep_alive)
-        self.llm = ModelState(chat_model.name, keep_alive=llm_keep_alive)
+        self.whisper = ModelState(
+            transcriber.name, transcriber.engine, transcriber.engine_reason, keep_alive=whisper_keep_alive
+        )
+        self.llm = ModelState(chat_model.name, chat_model.engine, chat_model.engine_reason, keep_alive=llm_keep_alive)
         self.ready = threading.Event()
         self.asks_served = 0
         self._busy = False
@@ -247,6 +252,7 @@ class ModelWorker:
             log.exception("could not load %s", state.name)
             return
         state.loaded, state.error = True, None
+        state.name = model.name  # a server's model or a hub snapshot is named once loaded
         state.loads += 1
         state.last_used = time.monotonic()
         state.load_seconds = time.perf_counter() - started
@@ -446,4 +452,6 @@ def _round(seconds: dict[str, float]) -> dict[str, float]:
 
 def _is_model_failure(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
-    return isinstance(exc, ModelLoadError | MemoryError) or module.startswith(("mlx", "mlx_lm", "mlx_whisper"))
+    return isinstance(exc, ModelLoadError | ModelRuntimeError | MemoryError) or module.startswith(
+        ("mlx", "mlx_lm", "mlx_whisper", "ctranslate2", "faster_whisper", "llama_cpp")
+    )

@@ -21,6 +21,8 @@ class FakeTranscriber:
     """'Hears' the RMS level and length of the audio, so tests can tell which audio reached it."""
 
     name = "fake-whisper"
+    engine = "fake"
+    engine_reason = "unit test"
 
     def __init__(self, *, fail_load: str | None = None, delay: float = 0.0) -> None:
         self.fail_load = fail_load
@@ -53,6 +55,8 @@ class FakeChat:
     """Answers by echoing the question word by word; ``gate`` can hold generation to test cancel and busy."""
 
     name = "fake-llm"
+    engine = "fake"
+    engine_reason = "unit test"
 
     def __init__(self, *, token_delay: float = 0.0, gate: threading.Event | None = None) -> None:
         self.token_delay = token_delay

@@ -12,12 +12,12 @@ from typing import Protocol
 
 import numpy as np
 
+# Re-exported: every backend raises these.
+from sottovoce.daemon.models.errors import ModelLoadError as ModelLoadError
+from sottovoce.daemon.models.errors import ModelRuntimeError as ModelRuntimeError
+
 ShouldStop = Callable[[], bool]
 """Polled between decoding steps; True means the ask was cancelled and the backend should return early."""
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be found or loaded; the message says how to get it (one line, no traceback)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,10 @@ class DecodingSettings:
 
 class Transcriber(Protocol):
     name: str
+    engine: str
+    """"mlx", "faster-whisper", ... (what `status` reports)."""
+    engine_reason: str
+    """Why this engine runs the stage (set by the factory from the engine choice)."""
 
     def load(self) -> None:
         """Load the weights (on the model thread; again after `unload`). Raises ModelLoadError."""
@@ -80,6 +84,8 @@ class GenerationStep:
 
 class ChatModel(Protocol):
     name: str
+    engine: str
+    engine_reason: str
 
     def load(self) -> None:
         """Load the weights and tokenizer (on the model thread; again after `unload`). Raises ModelLoadError."""

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,19 @@ class MlxChatModel:
     """One mlx-lm model folder (``config.json``, ``model*.safetensors``, tokenizer files) or a Hugging Face hub id;
     use on the model thread only (the caches are not locked)."""
 
+    engine = "mlx"
+    engine_reason = ""
+
     def __init__(
-        self, model: str | os.PathLike[str], *, max_conversations: int = 8, max_system_prompts: int = 4
+        self,
+        model: str | os.PathLike[str],
+        *,
+        max_conversations: int = 8,
+        max_system_prompts: int = 4,
+        prepare: Callable[[], str] | None = None,
     ) -> None:
-        """``max_conversations``: conversation caches kept (LRU); ``max_system_prompts``: system-prompt caches kept."""
+        """``max_conversations``: conversation caches kept (LRU); ``max_system_prompts``: system-prompt caches kept;
+        ``prepare``: called at load, returns the folder to load (it converts a store model for MLX on first use)."""
         if max_conversations < 0 or max_system_prompts < 0:
             raise ValueError("cache sizes must not be negative")
         self.spec = os.fspath(model)
@@ -83,6 +92,7 @@ class MlxChatModel:
         self.name = self.path.name or self.spec
         self.max_conversations = max_conversations
         self.max_system_prompts = max_system_prompts
+        self.prepare = prepare
         self._model: Any = None
         self._tokenizer: Any = None  # mlx_lm TokenizerWrapper
         self._conversations: collections.OrderedDict[str, _KeptCache] = collections.OrderedDict()
@@ -91,6 +101,8 @@ class MlxChatModel:
     def load(self) -> None:
         from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
+        if self.prepare is not None:
+            self.spec = self.prepare()
         # A missing folder that looks like "org/name" is looked up in the Hugging Face cache (mlx_lm.load would do
         # that too, but with a traceback instead of a message saying how to get a model).
         folder = model_folder(

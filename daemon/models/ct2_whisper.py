@@ -104,6 +104,16 @@ def read_model_bin(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     return spec, variables
 
 
+def weights_dtype(path: Path) -> str:
+    """The type most of a ``model.bin``'s weight matrices are stored in ("int8", "float16", "float32", ...)."""
+    _, variables = read_model_bin(path)
+    counts: dict[str, int] = {}
+    for name, array in variables.items():
+        if name.endswith("/weight") and array.ndim >= 2:
+            counts[str(array.dtype)] = counts.get(str(array.dtype), 0) + 1  # bfloat16 reads as float32
+    return max(counts, key=lambda k: counts[k]) if counts else "unknown"
+
+
 def _weight(v: dict[str, np.ndarray], prefix: str) -> np.ndarray:
     """A float weight; int8/int16 quantized CTranslate2 weights are scaled back (q / scale per output row)."""
     w = v[f"{prefix}/weight"]

@@ -1,8 +1,10 @@
-"""Import a downloaded model into the store: detect its format, convert it into a staging folder, then rename."""
+"""Import a model into the store: detect its format, copy it (or convert it for MLX) into a staging folder, then
+rename. Also makes the MLX copy of a CTranslate2/GGUF entry when the MLX engine first needs it."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -69,11 +71,14 @@ def import_model(
     force: bool = False,
     progress: bool = True,
     source: str | None = None,
+    mlx: bool = False,
 ) -> ModelEntry:
-    """Convert ``src`` (GGUF file, CTranslate2 Whisper folder, or an MLX folder to copy) into the store as ``name``.
+    """Put ``src`` (GGUF file, CTranslate2 Whisper folder, or an MLX folder) into the store as ``name``.
 
-    The model appears under its name only once complete; on any error nothing is left in the store. ``source``
-    overrides what the manifest records as the origin (the registry passes the package name).
+    Models are copied as they are (faster-whisper and llama.cpp run them directly). ``mlx`` (implied by ``dtype`` or
+    ``quantize``) converts a CTranslate2/GGUF model for MLX instead. The model appears under its name only once
+    complete; on any error nothing is left in the store. ``source`` overrides what the manifest records as the origin
+    (the registry passes the package name).
     """
     src = Path(src).expanduser().resolve()
     path, fmt = _source_path(src)
@@ -82,6 +87,7 @@ def import_model(
         raise ModelImportError(f"{src} is {store.article(detected)} model ({fmt}), not {store.article(kind)} model")
     if dtype is not None and dtype not in DTYPES:
         raise ModelImportError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    mlx = mlx or dtype is not None or quantize is not None
     if quantize is not None and fmt != "gguf":
         raise ModelImportError("--quantize is only supported when importing a GGUF chat model")
     if quantize is not None and quantize not in (4, 8):
@@ -89,25 +95,30 @@ def import_model(
     if fmt.startswith("mlx-") and dtype is not None:
         raise ModelImportError(f"{src} is already an MLX folder and is copied as is; leave out --dtype")
     name = store.check_name(name or _default_name(path, fmt))
-    dtype = dtype or (None if fmt.startswith("mlx-") else default_dtype())
+    convert = mlx and not fmt.startswith("mlx-")
+    dtype = dtype or (default_dtype() if convert else None)
 
     with store.staging(name, force=force) as tmp:
         extra: dict[str, object] = {"format_in": fmt}
         try:
-            if fmt == "ct2":
-                from sottovoce.daemon.models import ct2_whisper
-
-                ct2_whisper.convert(path, tmp, dtype=dtype or "float32", progress=progress)
+            if convert:
+                extra.update(_convert(path, fmt, tmp, dtype=dtype or "float32", quantize=quantize, progress=progress))
+                extra["model_format"] = "mlx-whisper" if detected == "whisper" else "mlx-lm"
+            elif fmt == "ct2":
+                dtype = _ct2_dtype(path)  # reads and checks model.bin before anything is copied
+                _copy_ct2(path, tmp)
+                extra["model_format"] = "ct2"
             elif fmt == "gguf":
-                from sottovoce.daemon.models import gguf_llm
-
-                info = gguf_llm.convert(path, tmp, dtype=dtype or "float32", quantize=quantize, progress=progress)
-                extra.update(info)
+                shutil.copyfile(path, tmp / path.name)
+                extra["model_format"] = "gguf"
+                dtype, quantization = _gguf_type(tmp / path.name)
+                quantize = quantize or quantization
             else:
                 # Already MLX: copy (the store owns its folders; the original may be deleted later).
                 shutil.copytree(path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(store.MANIFEST))
                 files = sorted(tmp.glob("weights.safetensors" if detected == "whisper" else "model*.safetensors"))
                 dtype = store.safetensors_dtype(files[0]) if files else "unknown"
+                extra["model_format"] = fmt
         except ModelImportError:
             raise
         except (RuntimeError, ValueError, OSError) as e:
@@ -128,3 +139,72 @@ def import_model(
     assert entry is not None
     log.info("imported %s as %s (%s, %d bytes)", src, name, entry.kind, entry.size_bytes)
     return entry
+
+
+def _convert(path: Path, fmt: str, dst: Path, *, dtype: str, quantize: int | None, progress: bool) -> dict[str, object]:
+    """Convert a CTranslate2 Whisper folder or a GGUF file into an MLX folder ``dst`` (imports MLX)."""
+    if fmt == "ct2":
+        from sottovoce.daemon.models import ct2_whisper
+
+        ct2_whisper.convert(path, dst, dtype=dtype, progress=progress)
+        return {}
+    from sottovoce.daemon.models import gguf_llm
+
+    return dict(gguf_llm.convert(path, dst, dtype=dtype, quantize=quantize, progress=progress))
+
+
+CT2_FILES = ("model.bin", "config.json", "tokenizer.json", "preprocessor_config.json")
+
+
+def _copy_ct2(src: Path, dst: Path) -> None:
+    """A CTranslate2 Whisper folder's files (faster-whisper needs model.bin, config.json and a vocabulary)."""
+    for name in CT2_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    vocabularies = sorted(src.glob("vocabulary.*"))
+    if not vocabularies:
+        raise ModelImportError(f"{src} has no vocabulary.txt/vocabulary.json, which CTranslate2 needs")
+    for vocabulary in vocabularies:
+        shutil.copyfile(vocabulary, dst / vocabulary.name)
+
+
+def _ct2_dtype(folder: Path) -> str:
+    from sottovoce.daemon.models import ct2_whisper
+
+    return ct2_whisper.weights_dtype(folder / "model.bin")
+
+
+def _gguf_type(path: Path) -> tuple[str, int | None]:
+    """(weight type, bits) of a GGUF file, read from its header: ("Q4_1", 4)."""
+    from sottovoce.daemon.models import gguf_header
+
+    return gguf_header.quantization(path)
+
+
+def ensure_mlx_copy(entry: ModelEntry, *, progress: bool = False) -> Path:
+    """The MLX folder for a store entry: the entry itself when it is MLX, else its converted copy (``mlx/`` inside
+    it), converted now if missing. Imports MLX: call it where MLX runs (the MLX backends' ``load``)."""
+    if entry.format in ("mlx-whisper", "mlx-lm"):
+        return entry.path
+    target = store.mlx_copy_path(entry)
+    want = "mlx-whisper" if entry.kind == "whisper" else "mlx-lm"
+    if store.detect_format(target) == want:
+        return target
+    source = entry.path if entry.format == "ct2" else store.gguf_file(entry.path)
+    log.info("converting %s for MLX (once; kept in %s)", entry.name, target)
+    tmp = entry.path / f"{store.MLX_COPY}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _convert(source, entry.format, tmp, dtype=default_dtype(), quantize=None, progress=progress)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except ModelImportError:
+        raise
+    except (RuntimeError, ValueError, OSError) as e:
+        log.debug("converting %s failed", entry.path, exc_info=True)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelImportError(f"cannot convert {entry.name} for MLX: {first}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

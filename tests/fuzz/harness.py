@@ -67,6 +67,8 @@ class EchoTranscriber:
     and level of the audio, so a reply shows whose audio reached the model."""
 
     name = "fuzz-whisper"
+    engine = "fake"
+    engine_reason = "fuzzing"
 
     def load(self) -> None:
         pass
@@ -84,6 +86,8 @@ class EchoChat:
     """Echoes the question word by word; stops between words when asked to."""
 
     name = "fuzz-llm"
+    engine = "fake"
+    engine_reason = "fuzzing"
 
     def load(self) -> None:
         pass

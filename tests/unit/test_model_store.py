@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from sottovoce.daemon.backends.base import ModelLoadError
 from sottovoce.daemon.models import cli, store
 from sottovoce.daemon.models.errors import ModelImportError
 
@@ -57,47 +56,94 @@ def test_models_dir_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert store.models_dir().name == "models"
 
 
-def test_resolve_store_names(store_dir: Path) -> None:
+def make_ct2(folder: Path) -> Path:
+    """A CTranslate2 Whisper folder as the store sees it (the files, not a loadable model)."""
+    folder.mkdir(parents=True)
+
+    def string(text: str) -> bytes:
+        raw = text.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+
+    # CTranslate2's model.bin, version 6: one float16 2x2 weight, no aliases.
+    weight = string("decoder/embeddings/weight") + struct.pack("<BIIBI", 2, 2, 2, 4, 8) + b"\0" * 8
+    model = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 1, 1) + weight + struct.pack("<I", 0)
+    (folder / "model.bin").write_bytes(model)
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "vocabulary.txt").write_text("a\nb\n")
+    return folder
+
+
+def make_gguf(path: Path, file_type: int = 3) -> Path:
+    """A GGUF file with a header only: an architecture, a vocabulary array (to be skipped) and the file type."""
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    kvs = string("general.architecture") + struct.pack("<I", 8) + string("llama")
+    kvs += string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("b")
+    kvs += string("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 2) + struct.pack("<ff", 0.0, 1.0)
+    kvs += string("general.file_type") + struct.pack("<II", 4, file_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 4) + kvs)
+    return path
+
+
+def test_find_store_names(store_dir: Path) -> None:
     make_whisper(store_dir / "whisper-tiny.en")
     make_llm(store_dir / "smollm2")
     store.write_manifest(store_dir / "smollm2", kind="llm", source="test", dtype="float32")
-    assert store.resolve("whisper-tiny.en", "whisper") == str(store_dir / "whisper-tiny.en")
-    assert store.resolve(" smollm2 ", "llm") == str(store_dir / "smollm2")
-    with pytest.raises(ModelLoadError, match="is a whisper model, not an llm model"):
-        store.resolve("whisper-tiny.en", "llm")
+    found = store.find(" whisper-tiny.en ")
+    assert found is not None and (found.kind, found.format) == ("whisper", "mlx-whisper")
+    entry = store.find("smollm2")
+    assert entry is not None and entry.path == store_dir / "smollm2" and entry.format == "mlx-lm"
+    for spec in ("nothing", "a/b", "../smollm2", ""):
+        assert store.find(spec) is None
 
 
-def test_resolve_local_paths(store_dir: Path, tmp_path: Path) -> None:
-    whisper = make_whisper(tmp_path / "somewhere" / "w")
-    llm = make_llm(tmp_path / "somewhere" / "l")
-    assert store.resolve(str(whisper), "whisper") == str(whisper)
-    assert store.resolve(str(llm), "llm") == str(llm)
-    with pytest.raises(ModelLoadError, match="mlx-whisper model, not an llm model"):
-        store.resolve(str(whisper), "llm")
-    ct2 = tmp_path / "ct2"
-    ct2.mkdir()
-    (ct2 / "model.bin").write_bytes(b"x")
-    (ct2 / "config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match=r"CTranslate2 model.*sottovoce models import"):
-        store.resolve(str(ct2), "whisper")
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + b"\0" * 20)
-    with pytest.raises(ModelLoadError, match="GGUF model"):
-        store.resolve(str(gguf), "llm")
-    with pytest.raises(ModelLoadError, match=r"needs config\.json, model"):
-        store.resolve(str(tmp_path), "llm")
+def test_import_keeps_ct2_and_gguf_as_they_are(store_dir: Path, tmp_path: Path) -> None:
+    from sottovoce.daemon.models.importer import import_model
+
+    ct2 = make_ct2(tmp_path / "faster-whisper-tiny")
+    entry = import_model(ct2, name="tiny", progress=False)
+    assert (entry.kind, entry.format, entry.dtype, entry.source) == ("whisper", "ct2", "float16", str(ct2))
+    assert sorted(f.name for f in entry.path.iterdir()) == [
+        "config.json",
+        "model.bin",
+        "sottovoce.json",
+        "tokenizer.json",
+        "vocabulary.txt",
+    ]
+    gguf = make_gguf(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    entry = import_model(gguf, progress=False)
+    assert (entry.name, entry.kind, entry.format, entry.dtype, entry.quantization) == (
+        "smollm2-135m-instruct",
+        "llm",
+        "gguf",
+        "Q4_1",
+        4,
+    )
+    assert store.gguf_file(entry.path).read_bytes() == gguf.read_bytes()
+    assert store.detect_format(entry.path) == "gguf"
+    (ct2 / "vocabulary.txt").unlink()
+    with pytest.raises(ModelImportError, match="no vocabulary"):
+        import_model(ct2, name="novocab", progress=False)
+    assert store.find("novocab") is None
 
 
-def test_resolve_hub_ids_and_unknown_names(store_dir: Path) -> None:
-    assert store.resolve("mlx-community/whisper-tiny", "whisper") == "mlx-community/whisper-tiny"
-    assert store.resolve("mlx-community/Meta-Llama-3-8B-Instruct-4bit", "llm").endswith("4bit")
-    for spec in ("foo", "a/b/c", "../nothing"):
-        with pytest.raises(ModelLoadError) as info:
-            store.resolve(spec, "whisper")
-        message = str(info.value)
-        assert "\n" not in message and "fetch-defaults" in message and str(store_dir) in message
-    with pytest.raises(ModelLoadError, match="no llm model configured"):
-        store.resolve("", "llm")
+def test_gguf_header_types(tmp_path: Path) -> None:
+    from sottovoce.daemon.models import gguf_header
+
+    assert gguf_header.quantization(make_gguf(tmp_path / "a.gguf", 15)) == ("Q4_K_M", 4)
+    assert gguf_header.quantization(make_gguf(tmp_path / "b.gguf", 1)) == ("F16", None)
+    assert gguf_header.read_scalars(tmp_path / "a.gguf")["general.architecture"] == "llama"
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "a.gguf").read_bytes()[:30])
+    with pytest.raises(ModelImportError, match="cut short"):
+        gguf_header.read_scalars(tmp_path / "cut.gguf")
+    (tmp_path / "not.gguf").write_bytes(b"JUNK" * 10)
+    with pytest.raises(ModelImportError, match="not a GGUF file"):
+        gguf_header.read_scalars(tmp_path / "not.gguf")
 
 
 def test_list_models(store_dir: Path) -> None:
@@ -190,8 +236,8 @@ def test_cli_path_and_list(store_dir: Path, capsys: pytest.CaptureFixture[str]) 
     store.write_manifest(store_dir / "smollm2", kind="llm", source="pypi:x==1", dtype="float32", quantization=4)
     assert _run(["models", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "KIND", "DTYPE", "SIZE", "SOURCE"]
-    assert out[1].split()[:3] == ["smollm2", "llm", "4-bit/float32"] and out[1].endswith("pypi:x==1")
+    assert out[0].split() == ["NAME", "KIND", "FORMAT", "DTYPE", "SIZE", "SOURCE"]
+    assert out[1].split()[:4] == ["smollm2", "llm", "mlx-lm", "4-bit/float32"] and out[1].endswith("pypi:x==1")
     assert _run(["models", "list", "--json"]) == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry["name"] == "smollm2" and entry["quantization"] == 4
