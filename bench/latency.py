@@ -145,15 +145,22 @@ def run_mode(name: str, args: argparse.Namespace, extra: list[str], clips, *, st
     return results
 
 
+def backends(args: argparse.Namespace, *, prompt_cache: bool = True, load_whisper: bool = True):
+    """The transcriber and chat model the daemon would build with these models (on the default engines)."""
+    from sottovoce.client import config
+    from sottovoce.daemon import engines
+    from sottovoce.daemon.backends.factory import build_chat_model, build_transcriber
+
+    settings = config.Settings(whisper_model=args.whisper, llm_model=args.llm, prompt_cache=prompt_cache)
+    whisper = build_transcriber(engines.plan_stt(settings), settings) if load_whisper else None
+    return whisper, build_chat_model(engines.plan_llm(settings), settings)
+
+
 def in_process_overhead(args: argparse.Namespace, clips) -> list[tuple[float, float]]:
     """The seed pipeline called directly in this process: (transcribe + generate) seconds per clip length."""
     from sottovoce.client import config
-    from sottovoce.daemon.backends.factory import resolve_model
-    from sottovoce.daemon.backends.mlx_lm_backend import MlxChatModel
-    from sottovoce.daemon.backends.mlx_whisper_backend import MlxWhisperTranscriber
 
-    whisper = MlxWhisperTranscriber(resolve_model(args.whisper, "whisper", "", ""))
-    chat = MlxChatModel(resolve_model(args.llm, "llm", "", ""))
+    whisper, chat = backends(args, prompt_cache=False)
     whisper.load()
     chat.load()
     from sottovoce.daemon.backends.base import ChatMessage
@@ -219,11 +226,9 @@ def follow_up_prefill(args: argparse.Namespace, repeats: int = 3) -> dict[str, f
     """Prefill seconds of a follow-up question (system + 2 turns + question) with and without the KV cache."""
     from sottovoce.client import config
     from sottovoce.daemon.backends.base import ChatMessage
-    from sottovoce.daemon.backends.factory import resolve_model
-    from sottovoce.daemon.backends.mlx_lm_backend import MlxChatModel
 
-    path = resolve_model(args.llm, "llm", "", "")
-    cached, cold = MlxChatModel(path), MlxChatModel(path, max_conversations=0, max_system_prompts=0)
+    _, cached = backends(args, load_whisper=False)
+    _, cold = backends(args, prompt_cache=False, load_whisper=False)
     cached.load()
     cold.load()
     turns = [ChatMessage("system", config.DEFAULT_SYSTEM_PROMPT)]
@@ -261,7 +266,7 @@ def render(args, clips, seed, ours, direct, follow) -> str:
         "# Voice-turn latency: seed design vs ours",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}. Models: Whisper `{args.whisper}`, LLM `{args.llm}` (float32, OpenBLAS). "
+        f"Python {platform.python_version()}. Models: Whisper `{args.whisper}`, LLM `{args.llm}` on the default engines. "
         f"Median of {args.repeats} run(s) after a warm-up; answers capped at {MAX_TOKENS} tokens, greedy. "
         f"Times in seconds from the end of the speech (the key is released {RELEASE_SECONDS} s later). "
         f"Load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other work shared "

@@ -37,6 +37,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = Path(os.environ.get("SOTTOVOCE_MODELS_DIR") or ROOT / ".work" / "models")
+
+
+def mlx_folder(name: str) -> Path:
+    """The MLX copy of a store model (the store keeps CTranslate2/GGUF originals; MLX converts them on first use)."""
+    from sottovoce.daemon.models import store
+    from sottovoce.daemon.models.importer import ensure_mlx_copy
+
+    entry = store.read_entry(STORE / name)
+    if entry is None:
+        raise SystemExit(f"{name} is not in {STORE}: run `sottovoce models fetch-defaults`")
+    return ensure_mlx_copy(entry)
 OUT = Path(__file__).resolve().with_name("models.md")
 RESULT_PREFIX = "RESULT "
 BUSY_CORES = 0.3
@@ -141,7 +152,7 @@ def child_whisper(config: Config) -> dict[str, Any]:
         return real_decode(self, *args, **kwargs)
 
     Whisper.decode = counting_decode
-    transcriber = MlxWhisperTranscriber(STORE / config.model, fp16=config.fp16)
+    transcriber = MlxWhisperTranscriber(mlx_folder(config.model), fp16=config.fp16)
     started = time.perf_counter()
     transcriber.load()
     out: dict[str, Any] = {"load_s": time.perf_counter() - started, "clips": []}
@@ -181,7 +192,7 @@ def child_llm(config: Config) -> dict[str, Any]:
     import mlx_lm
 
     started = time.perf_counter()
-    model, tokenizer = mlx_lm.load(str(STORE / config.model))[:2]
+    model, tokenizer = mlx_lm.load(str(mlx_folder(config.model)))[:2]
     load_s = time.perf_counter() - started
     prompt = llm_prompt(tokenizer)
     eos = mx.array(sorted(tokenizer.eos_token_ids))

@@ -134,8 +134,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for role in ("whisper", "llm"):
         model = report.models.get(role, {})
         state = "loaded" if model.get("loaded") else f"NOT LOADED: {model.get('error') or 'loading'}"
-        print(f"  {role:8} {model.get('name')}: {state}")
-    print(f"  sessions {report.sessions}, queued asks {report.queue}, asks served {report.asks_served}")
+        engine = f" on {model['engine']} ({model.get('engine_reason') or '?'})" if "engine" in model else ""
+        print(f"  {role:8} {model.get('name')}{engine}: {state}")
+    memory = f", {report.memory_bytes / 2**20:.0f} MiB resident" if report.memory_bytes else ""
+    print(f"  sessions {report.sessions}, queued asks {report.queue}, asks served {report.asks_served}{memory}")
     return 0 if all(report.models.get(r, {}).get("loaded") for r in ("whisper", "llm")) else 1
 
 

@@ -14,6 +14,7 @@ from importlib import metadata
 from sottovoce.client import config, paths
 
 from . import security
+from .backends.openmp import wait_passively
 from .blas import preload_openblas
 from .lock import AlreadyRunningError, EndpointLock
 
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     )
     # Before anything imports mlx.core: the CPU wheel's bundled BLAS is ~30x slower than OpenBLAS.
     preload_openblas()
+    # Before CTranslate2 and llama.cpp start their OpenMP pools: spinning idle threads starve the other engine.
+    wait_passively()
     try:
         settings, _ = config.load({k: getattr(args, k, None) for k in FLAG_KEYS})
     except config.ConfigError as exc:

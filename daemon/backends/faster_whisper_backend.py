@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import openmp
 from . import whisper_common as common
 from .base import DecodingSettings, ModelLoadError, TranscriptResult
 
@@ -39,7 +40,7 @@ def _whisper_model_class() -> type:
     heavy, and the daemon's other engines never need it)."""
     from faster_whisper import WhisperModel
 
-    class ReusingWhisperModel(WhisperModel):  # type: ignore[misc]
+    class ReusingWhisperModel(WhisperModel):
         """``encode`` returns the last output again for the same features: language detection and every fallback
         temperature share one encoder pass per window."""
 
@@ -84,7 +85,7 @@ class FasterWhisperTranscriber:
         self.name = self.path.name or os.fspath(model)
         self.decoding = decoding
         self.compute_type = compute_type
-        self.threads = threads
+        self.threads = threads or os.cpu_count() or 1  # CTranslate2 would start 4 threads even on 2 cores
         self.min_speech_dbfs = min_speech_dbfs
         self.allowed_languages = common.normalise_languages(allowed_languages)
         self._allowed: tuple[str, ...] = ()
@@ -96,6 +97,7 @@ class FasterWhisperTranscriber:
                 f"Whisper model not found: {self.path} has no model.bin (a CTranslate2 folder); "
                 "run `sottovoce models fetch-defaults` or `sottovoce models import DIR`"
             )
+        openmp.wait_passively()  # before the engine's OpenMP runtime starts
         started = time.perf_counter()
         try:
             model = _whisper_model_class()(

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import openmp
 from .base import ChatMessage, GenerationStep, ModelLoadError, ModelRuntimeError, ShouldStop
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class LlamaCppChatModel:
 
     def load(self) -> None:
         gguf = find_gguf(self.path)
+        openmp.wait_passively()  # before the engine's OpenMP runtime starts
         started = time.perf_counter()
         try:
             from llama_cpp import Llama

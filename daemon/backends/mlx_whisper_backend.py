@@ -255,7 +255,7 @@ def _reusing_encoder_class() -> type:
     import mlx.core as mx
     import mlx.nn as nn
 
-    class ReusingEncoder(nn.Module):  # type: ignore[misc]
+    class ReusingEncoder(nn.Module):
         """Wraps Whisper's audio encoder: the same window (language detection, then decoding at each fallback
         temperature) is encoded once. Holds one window, until ``forget``."""
 
