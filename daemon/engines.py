@@ -171,9 +171,24 @@ def _for_native(spec: str, kind: store.Kind, engine: str) -> str:
     raise ModelLoadError(f"no {kind} model {spec!r} in {store.models_dir()}; {store.HOW_TO_GET}")
 
 
+def _only_mlx_runs(spec: str) -> bool:
+    """True when ``spec`` is an MLX model on this machine (a store entry or a folder): no other engine runs it."""
+    entry = store.find(spec)
+    fmt = entry.format if entry is not None else store.detect_format(Path(spec).expanduser())
+    return fmt in ("mlx-whisper", "mlx-lm") and installed("mlx")
+
+
+def _engine_for(stage: Stage, setting: str, spec: str) -> tuple[str, str]:
+    """``choose_engine``, except that ``auto`` runs a local MLX model on MLX rather than refuse it."""
+    engine, reason = choose_engine(stage, setting)
+    if setting == "auto" and engine != "mlx" and _only_mlx_runs(spec):
+        return "mlx", f"auto: {Path(spec).name} is an MLX model, which only MLX runs"
+    return engine, reason
+
+
 def plan_stt(settings: config.Settings) -> Plan:
     """The speech-to-text plan; raises ModelLoadError when the model cannot be found for the chosen engine."""
-    engine, reason = choose_engine("stt", settings.stt_engine)
+    engine, reason = _engine_for("stt", settings.stt_engine, settings.whisper_model.strip())
     embedded = EMBEDDED_WHISPER if engine == "mlx" else EMBEDDED_FAST_WHISPER
     spec, note = _defaulted(settings.whisper_model.strip(), config.DEFAULT_WHISPER, engine, embedded)
     if engine == "mlx":
@@ -184,7 +199,7 @@ def plan_stt(settings: config.Settings) -> Plan:
 
 def plan_llm(settings: config.Settings) -> Plan:
     """The chat-model plan; raises ModelLoadError when the model cannot be found for the chosen engine."""
-    engine, reason = choose_engine("llm", settings.llm_engine)
+    engine, reason = _engine_for("llm", settings.llm_engine, settings.llm_model.strip())
     if engine == "openai":
         if not settings.llm_url:
             raise ModelLoadError("the openai engine needs the server's address: --llm-url http://HOST:PORT/v1")

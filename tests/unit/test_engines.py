@@ -191,3 +191,17 @@ def test_describe_says_engine_reason_and_model_or_why_not(store_dir: Path) -> No
     )
     assert lines["stt"].startswith("faster-whisper (chosen in the settings): ") and "whisper-tiny.en" in lines["stt"]
     assert lines["llm"].startswith("llama.cpp (chosen in the settings): no model: ")
+
+
+def test_auto_runs_a_local_mlx_model_on_mlx(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engines, "installed", lambda engine: True)
+    monkeypatch.setattr(engines, "apple_silicon", lambda: False)
+    folder = mlx_whisper_entry(store_dir.parent, "some-mlx-whisper")
+    plan = engines.plan_stt(settings(whisper_model=str(folder)))
+    assert (plan.engine, plan.model) == ("mlx", str(folder))
+    assert plan.reason == "auto: some-mlx-whisper is an MLX model, which only MLX runs"
+    # Chosen explicitly, faster-whisper is not overridden: it says it cannot run the folder.
+    with pytest.raises(ModelLoadError, match="--stt-engine mlx"):
+        engines.plan_stt(settings(whisper_model=str(folder), stt_engine="faster-whisper"))
+    ct2_entry(store_dir, "whisper-tiny.en")
+    assert engines.plan_stt(settings(whisper_model="whisper-tiny.en")).engine == "faster-whisper"
