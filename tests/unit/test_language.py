@@ -106,7 +106,8 @@ def test_daemon_flag_and_template(tmp_path: Path) -> None:
 
 
 def test_factory_passes_the_parsed_list(tiny_whisper_dir: Path) -> None:
-    settings = config.Settings(whisper_model=str(tiny_whisper_dir), languages="DE, en")
+    # An mlx-whisper folder: on Linux the factory picks MLX only when asked to (auto means faster-whisper there).
+    settings = config.Settings(whisper_model=str(tiny_whisper_dir), languages="DE, en", stt_engine="mlx")
     transcriber, _ = build_backends(settings)
     assert isinstance(transcriber, MlxWhisperTranscriber)
     assert transcriber.allowed_languages == ("de", "en")
@@ -225,11 +226,12 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[dict[str, float]]
 
 
 def test_the_spy_decides_unrestricted_detection(unrestricted: MlxWhisperTranscriber, spy) -> None:
-    """Without a list, mlx_whisper's own detection picks the overall winner: the spy's probabilities are used."""
+    """Without a list, detection picks the overall winner: the spy's probabilities are used. The backend detects
+    itself (on the window decoding reuses) and decodes in that language; mlx_whisper does not detect again."""
     calls = spy({"fr": 0.6, "de": 0.25, "en": 0.15})
     result = unrestricted.transcribe(noise(3.0))
     assert (result.text, result.language, result.no_speech) == (SCRIPT_TEXT.strip(), "fr", False)
-    assert calls.decoded_with == [None] and len(calls.mels) == 1
+    assert calls.decoded_with == ["fr"] and calls.mels == [((N_FRAMES, 80), mx.float32)]
 
 
 @pytest.mark.parametrize(
@@ -299,15 +301,19 @@ def test_english_only_model_says_en(tiny_whisper_dir: Path, spy) -> None:
 
 # ----------------------------------------------------------------------------------------- real whisper-base
 
-GERMAN = "Guten Tag. Ich möchte gerne wissen, wie das Wetter morgen in Berlin wird."
+GERMAN = "Guten Tag, wie geht es Ihnen heute?"
+"""base detects German here (p~0.5). Not "Guten Tag. Ich möchte gerne wissen, wie das Wetter morgen in Berlin wird.":
+on that espeak clip base scores en 0.45 > de 0.37, on MLX and faster-whisper alike (measured)."""
 
 
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
-    path = STORE / "whisper-base"
-    if not (path / "config.json").is_file():
+    """The MLX copy of the store's whisper-base (the store keeps the CTranslate2 folder)."""
+    if not (STORE / "whisper-base" / "sottovoce.json").is_file():
         pytest.skip(f"whisper-base not in {STORE}: run scripts/install.sh (sottovoce models fetch-defaults)")
-    return path
+    import real_models  # type: ignore[import-not-found]
+
+    return Path(real_models.mlx_copy("whisper-base"))
 
 
 def words(text: str) -> str:
@@ -323,7 +329,7 @@ def test_real_base_reports_languages(base_dir: Path) -> None:
     transcriber.load()
     german = transcriber.transcribe(say(GERMAN, voice="de"))
     assert german.language == "de", german
-    assert {"guten", "tag", "berlin"} <= set(words(german.text).split()), german.text  # German, not translated
+    assert {"guten", "tag", "heute"} <= set(words(german.text).split()), german.text  # German, not translated
 
     restricted = MlxWhisperTranscriber(base_dir, allowed_languages=config.parse_languages("en,de"))
     restricted.load()
