@@ -169,32 +169,36 @@ def corpus_wer(pairs: list[tuple[str, str]]) -> float:
     return float(jiwer.wer([norm(r) for r, _ in pairs], [norm(h) for _, h in pairs]))
 
 
-def in_process(whisper: str, rounds: int, clips: list[np.ndarray]) -> list[float]:
-    """The seed pipeline on the fast engines called directly here: transcribe the clip, then the whole answer."""
-    from sottovoce.daemon import engines
-    from sottovoce.daemon.backends.base import ChatMessage
-    from sottovoce.daemon.backends.factory import build_chat_model, build_transcriber
+class InProcess:
+    """The seed pipeline on the fast engines called directly in the benchmark's process (transcribe the recording,
+    then the whole answer, no prompt cache): the baseline for the daemon's overhead, run between the daemon turns."""
 
-    settings = config.Settings(
-        whisper_model=whisper, llm_model=LLM, stt_engine="faster-whisper", llm_engine="llama.cpp"
-    )
-    settings = dataclasses.replace(settings, prompt_cache=False)
-    stt = build_transcriber(engines.plan_stt(settings), settings)
-    chat = build_chat_model(engines.plan_llm(settings), settings)
-    stt.load()
-    chat.load()
-    out = []
-    for _ in range(rounds):
-        for pcm in clips:
-            started = time.perf_counter()
-            text = stt.transcribe(pcm).text
-            messages = [ChatMessage("system", config.DEFAULT_SYSTEM_PROMPT), ChatMessage("user", text)]
-            for _step in chat.stream(messages, max_tokens=MAX_TOKENS, temperature=0.0, should_stop=lambda: False):
-                pass
-            out.append(time.perf_counter() - started)
-    stt.unload()
-    chat.unload()
-    return out
+    def __init__(self, whisper: str) -> None:
+        from sottovoce.daemon import engines
+        from sottovoce.daemon.backends.factory import build_chat_model, build_transcriber
+
+        settings = config.Settings(
+            whisper_model=whisper,
+            llm_model=LLM,
+            stt_engine="faster-whisper",
+            llm_engine="llama.cpp",
+            prompt_cache=False,
+        )
+        self.stt = build_transcriber(engines.plan_stt(settings), settings)
+        self.chat = build_chat_model(engines.plan_llm(settings), settings)
+        self.stt.load()
+        self.chat.load()
+
+    def turn(self, speech: np.ndarray) -> float:
+        from sottovoce.daemon.backends.base import ChatMessage
+
+        recording = np.concatenate([speech, np.zeros(int(RELEASE_SECONDS * RATE), np.float32)])  # as the daemon gets it
+        started = time.perf_counter()
+        text = self.stt.transcribe(recording).text
+        messages = [ChatMessage("system", config.DEFAULT_SYSTEM_PROMPT), ChatMessage("user", text)]
+        for _step in self.chat.stream(messages, max_tokens=MAX_TOKENS, temperature=0.0, should_stop=lambda: False):
+            pass
+        return time.perf_counter() - started
 
 
 def stat(values: list[float]) -> str:
@@ -216,6 +220,9 @@ def main() -> int:
     shorts = [say(q) for q in SHORT_QUESTIONS]
     long_pcm, long_text = long_request()
     load_start = os.getloadavg()
+    loads: list[float] = []
+    direct_runs: list[float] = []
+    direct = InProcess("whisper-tiny.en") if "seed-fast" in args.configs else None
     daemons: dict[str, DaemonProcess] = {}
     results: dict[str, dict[str, Any]] = {c.name: {"short": [], "long": [], "answers": []} for c in configs}
     try:
@@ -235,9 +242,12 @@ def main() -> int:
             for k in range(args.short):
                 index = (turn + k) % len(shorts)
                 for c in configs:
+                    loads.append(os.getloadavg()[0])
                     times = play_and_ask(daemons[c.name], shorts[index], stream=c.stream)
                     times["reference"] = SHORT_QUESTIONS[index]
                     results[c.name]["short"].append(times)
+                    if c.name == "seed-fast" and direct is not None:
+                        direct_runs.append(direct.turn(shorts[index]))
                     print(
                         f"r{round_} {c.name:13} short {json.dumps({k: v for k, v in times.items() if isinstance(v, float)})}",
                         flush=True,
@@ -245,6 +255,7 @@ def main() -> int:
             turn += args.short
             for c in configs:
                 if c.long:
+                    loads.append(os.getloadavg()[0])
                     times = play_and_ask(daemons[c.name], long_pcm, stream=c.stream)
                     results[c.name]["long"].append(times)
                     print(
@@ -258,11 +269,9 @@ def main() -> int:
     finally:
         for daemon in daemons.values():
             daemon.stop()
-    load_mid = os.getloadavg()
-    direct = in_process("whisper-tiny.en", args.rounds, shorts[: args.short]) if "seed-fast" in results else []
     load_end = os.getloadavg()
 
-    report = render(args, configs, results, direct, long_pcm.size / RATE, long_text, (load_start, load_mid, load_end))
+    report = render(args, configs, results, direct_runs, long_pcm.size / RATE, long_text, (load_start, loads, load_end))
     args.out.write_text(report)
     print(report)
     if args.json:
@@ -282,9 +291,9 @@ def render(args, configs, results, direct, long_seconds, long_text, loads) -> st
         f"real-time pace in {CHUNK}-sample chunks, key released {RELEASE_SECONDS} s after the speech; answers greedy, "
         f"at most {MAX_TOKENS} tokens. {args.rounds} rounds, each going through every configuration in turn "
         "(interleaved). Times in seconds from key-up: **median (min-max)**. "
-        f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start, "
-        f"{'/'.join(f'{x:.1f}' for x in loads[1])} after the daemon runs, "
-        f"{'/'.join(f'{x:.1f}' for x in loads[2])} at the end (the machine is shared).",
+        f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start and "
+        f"{'/'.join(f'{x:.1f}' for x in loads[2])} at the end; the 1-min load at each turn's start: median "
+        f"{statistics.median(loads[1]):.1f}, {min(loads[1]):.1f}-{max(loads[1]):.1f} (the machine is shared).",
         "",
         f"## (a) Short spoken questions ({min(short_lengths):.1f}-{max(short_lengths):.1f} s of speech), "
         f"{args.short * args.rounds} turns per row",
@@ -324,7 +333,8 @@ def render(args, configs, results, direct, long_seconds, long_text, loads) -> st
             "",
             "Daemon: `ask` -> `done` as the daemon timed it (the whole recording transcribed, then the whole answer), "
             "no prompt cache. In process: `FasterWhisperTranscriber.transcribe` + `LlamaCppChatModel.stream` on the "
-            f"same clips, run after the daemons stopped. {len(direct)} and {len(daemon_runs)} turns.",
+            "same recordings in the benchmark's own process, each right after the daemon's turn on the same clip. "
+            f"{len(direct)} and {len(daemon_runs)} turns.",
             "",
             "| in process | daemon | ratio of medians |",
             "|---|---|---|",
