@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+SHUTDOWN_LINGER_MS = 500
+
+
 class EndpointError(RuntimeError):
     pass
 
@@ -150,6 +153,12 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of vanishing silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    # ZMTP heartbeats: a client that stops answering pings (its machine froze, the network went) is disconnected,
+    # and the socket monitor then frees its session (see server). Clients ping the daemon the same way.
+    heartbeat_ms = int(settings.heartbeat_seconds * 1000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
     authenticator = security.secure_server_socket(sock, ctx, endpoint, insecure_loopback=insecure_loopback)
     try:
         if ipc is not None:
@@ -177,7 +186,7 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     try:
         await server.serve(sock)
     finally:
-        sock.close(linger=0)
+        sock.close(linger=SHUTDOWN_LINGER_MS)  # long enough for the last `shutting-down` replies to leave
         if authenticator is not None:
             authenticator.stop()  # before term(): its open ZAP socket would block term() forever
         ctx.term()

@@ -1,4 +1,10 @@
-"""Per-client sessions: each ZeroMQ identity has its own bounded audio buffer and at most one running ask.
+"""Per-client sessions: each connected client has its own bounded audio buffer and at most one running ask.
+
+A session is found by the ZeroMQ routing id, but it belongs to one *connection* (the socket's file descriptor,
+``ZMQ_SRCFD``) and, over CURVE, to one client key (the ZAP ``User-Id``): a message with the same routing id from
+another connection or key never reaches it (see ``Server.handle``). Inside the daemon a session is named by its
+``key``, unique for the daemon's lifetime, so that the model and segmenter threads, which keep conversations and
+transcripts by that key, can never hand one client's state to a later client that reuses a routing id.
 
 Used only on the IO thread, so nothing here locks.
 """
@@ -6,18 +12,40 @@ Used only on the IO thread, so nothing here locks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import soxr
+
 from sottovoce.client.protocol import SAMPLE_RATE, ErrorCode, ProtocolError
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """The connection a message came in on."""
+
+    fd: int | None = None
+    """The connection's socket (``ZMQ_SRCFD``); None where unknown (frames fed to ``Server.handle`` directly)."""
+    user: str | None = None
+    """ZAP ``User-Id``: the client's CURVE public key (Z85); None without CURVE."""
+
+
+_serials = itertools.count(1)
+
+
+def _new_key(identity: bytes) -> bytes:
+    return b"%d:" % next(_serials) + identity
 
 
 @dataclasses.dataclass
 class Session:
     identity: bytes
     max_samples: int
+    peer: Peer = Peer()
+    key: bytes = b""
+    """Unique for the daemon's lifetime: what the worker and segmenter know this session by."""
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
     client_name: str | None = None
     active_ask: str | None = None
@@ -28,6 +56,10 @@ class Session:
     _samples: int = 0
     _resampler: soxr.ResampleStream | None = None
     _resampler_rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = _new_key(self.identity)
 
     @property
     def buffered_samples(self) -> int:
@@ -103,42 +135,82 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, *, buffer_seconds: float, max_sessions: int = 1024) -> None:
+    """Sessions by routing id, bounded in number and in the audio they buffer together.
+
+    ``max_sessions``: a new client past it is refused (`overloaded`): the clients already served keep their state.
+    ``max_total_seconds``: all buffers together; a chunk that would pass it is refused (`overloaded`), except that
+    each session may always hold ``max_total_seconds / max_sessions`` (its reserve), so one client filling the
+    daemon never starves another. The memory bound is therefore twice ``max_total_seconds`` of audio.
+    """
+
+    def __init__(
+        self, *, buffer_seconds: float, max_sessions: int = 1024, max_total_seconds: float | None = None
+    ) -> None:
         self._sessions: dict[bytes, Session] = {}
+        self._by_key: dict[bytes, Session] = {}
         self._max_samples = int(buffer_seconds * SAMPLE_RATE)
         self._max_sessions = max_sessions
+        total = max_total_seconds if max_total_seconds is not None else buffer_seconds * max_sessions
+        self._max_total = int(total * SAMPLE_RATE)
 
-    def get(self, identity: bytes) -> Session:
+    def get(self, identity: bytes, peer: Peer = Peer(), ref: str | None = None) -> Session:
+        """This client's session, made if it has none; `overloaded` when the table is full."""
         session = self._sessions.get(identity)
         if session is None:
             if len(self._sessions) >= self._max_sessions:
-                self._evict_oldest_idle()
-            session = Session(identity=identity, max_samples=self._max_samples)
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"the daemon serves {self._max_sessions} clients already (max_sessions); try again later",
+                    ref,
+                )
+            session = Session(identity=identity, max_samples=self._max_samples, peer=peer)
             self._sessions[identity] = session
+            self._by_key[session.key] = session
         session.last_seen = time.monotonic()
         return session
+
+    def full(self) -> bool:
+        return len(self._sessions) >= self._max_sessions
 
     def find(self, identity: bytes) -> Session | None:
         return self._sessions.get(identity)
 
+    def by_key(self, key: bytes) -> Session | None:
+        return self._by_key.get(key)
+
+    def on_fd(self, fd: int) -> list[Session]:
+        return [s for s in self._sessions.values() if s.peer.fd == fd]
+
     def drop(self, identity: bytes) -> Session | None:
-        return self._sessions.pop(identity, None)
+        session = self._sessions.pop(identity, None)
+        if session is not None:
+            self._by_key.pop(session.key, None)
+        return session
+
+    def check_room(self, session: Session, samples: int, ref: str | None = None) -> None:
+        """Refuse (`overloaded`) a chunk of ``samples`` that would push all buffers together past the cap."""
+        reserve = self._max_total // self._max_sessions
+        if session.buffered_samples + samples <= reserve:
+            return
+        total = self.buffered_samples()
+        if total + samples > self._max_total:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"the daemon holds {total / SAMPLE_RATE:.0f} s of audio from all clients (cap "
+                f"{self._max_total / SAMPLE_RATE:.0f} s); chunk refused, buffered audio kept: ask, `reset` or wait",
+                ref,
+            )
+
+    def buffered_samples(self) -> int:
+        return sum(s.buffered_samples for s in self._sessions.values())
 
     def expire(self, idle_seconds: float, now: float | None = None) -> list[Session]:
-        """Remove sessions idle for longer than ``idle_seconds`` that have no ask in flight."""
+        """Sessions idle for longer than ``idle_seconds`` that have no ask in flight (the caller drops them)."""
         now = time.monotonic() if now is None else now
-        gone = [s for s in self._sessions.values() if s.active_ask is None and now - s.last_seen > idle_seconds]
-        for session in gone:
-            del self._sessions[session.identity]
-        return gone
-
-    def _evict_oldest_idle(self) -> None:
-        idle = [s for s in self._sessions.values() if s.active_ask is None]
-        if idle:
-            del self._sessions[min(idle, key=lambda s: s.last_seen).identity]
+        return [s for s in self._sessions.values() if s.active_ask is None and now - s.last_seen > idle_seconds]
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def __iter__(self) -> Iterator[Session]:
-        return iter(self._sessions.values())
+        return iter(list(self._sessions.values()))
