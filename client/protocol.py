@@ -375,6 +375,10 @@ class Report(Message):
     asks_served: int = 0
     memory_bytes: int = 0
     """Resident memory of the daemon process."""
+    buffered_seconds_total: float = 0.0
+    """Audio buffered by all clients together."""
+    listening_seconds: float = 0.0
+    """Audio of all clients still waiting for voice activity detection."""
 
     def validate(self) -> None:
         super().validate()

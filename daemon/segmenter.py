@@ -137,9 +137,12 @@ class Segmenter:
                 if event.kind == "ask":
                     self._submit(event.item)  # the worker ends it (withdrawn or cancelled) as for any ask
 
-    def pending(self) -> int:
+    def pending_seconds(self) -> float:
+        """Audio of all clients still waiting to be listened to (at most ``lead_seconds`` per client)."""
         with self._cond:
-            return sum(len(lane.events) for lane in self._lanes.values())
+            return sum(e.item.size for lane in self._lanes.values() for e in lane.events if e.kind == "audio") / (
+                SAMPLE_RATE
+            )
 
     def stop(self) -> None:
         with self._cond:

@@ -190,8 +190,6 @@ class Server:
             session = None
         try:
             if session is None and msg.TYPE in SESSIONLESS:
-                if msg.TYPE == "hello" and not self.sessions.full():
-                    session = self.sessions.get(identity, peer)  # remembers the client's name for the logs
                 getattr(self, "_on_" + msg.TYPE)(session, identity, msg)
                 return
             if session is None:
@@ -352,6 +350,8 @@ class Server:
                 buffered_seconds=round(session.buffered_seconds, 3) if session is not None else 0.0,
                 asks_served=worker.asks_served,
                 memory_bytes=resident_memory(),
+                buffered_seconds_total=round(self.sessions.buffered_samples() / p.SAMPLE_RATE, 3),
+                listening_seconds=round(self.segmenter.pending_seconds(), 3) if self.segmenter is not None else 0.0,
             ),
         )
 
@@ -419,7 +419,7 @@ class Server:
 
 
 SESSIONLESS = frozenset({"hello", "status", "warm"})
-"""Messages served without making a session (a `status` probe holds no state); `hello` joins one if it exists."""
+"""Messages served without making a session: probes hold no state. (`hello` names an existing session in logs.)"""
 
 
 def _peer_of(frame: zmq.Frame) -> Peer:
