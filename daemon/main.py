@@ -128,8 +128,13 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     security.check_endpoint(endpoint, insecure_loopback=insecure_loopback)
     runtime = paths.ensure_private_dir(paths.runtime_dir())
     ipc = paths.ipc_path(endpoint)
-    if ipc is not None:
-        paths.ensure_private_dir(ipc.parent)
+    if ipc is not None and ipc.parent != runtime:
+        # A folder the user named, often a shared one like /tmp: advise another folder, never to chmod this one.
+        paths.ensure_private_dir(
+            ipc.parent,
+            fix=f"put the socket in a folder only you can enter (the default is {runtime}/daemon.sock), "
+            "and leave the permissions of shared folders alone",
+        )
     lock = EndpointLock.for_endpoint(endpoint, runtime)
     lock.acquire()
 
