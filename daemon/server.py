@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import sys
 import time
 from typing import Any, cast
 
@@ -46,8 +48,10 @@ CAPABILITIES = [
     "warm",
 ]
 EXPIRY_PERIOD = 5.0
-BATCH = 64
-"""Messages handled before the loop yields, so that replies from the model thread go out during a flood."""
+TRIM_AFTER_SECONDS = 60.0
+"""A session that held this much audio when it ended makes the daemon trim its heap."""
+MONITOR_PERIOD = 0.25
+"""How often the socket monitor is read while no message arrives (it is also read before every message)."""
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
 
@@ -69,6 +73,8 @@ class Server:
         """Connections closed and not accepted again: what is still queued from them is discarded."""
         self._jobs: dict[bytes, AskJob] = {}
         """Asks in flight, by session key (kept until their final reply, even after the session is gone)."""
+        self._trim_due = False
+        """Much audio was freed: hand the memory back to the system (see trim_heap)."""
         self._stopping: asyncio.Event | None = None
         self._started = time.monotonic()
         self.worker: ModelWorker = worker_factory(self._emit_threadsafe)
@@ -85,15 +91,22 @@ class Server:
         self._socket = socket
         self._stopping = asyncio.Event()
         self._monitor = cast("zmq.asyncio.Socket", socket.get_monitor_socket(MONITOR_EVENTS))
+        # A client that reconnects with a routing id of its own choosing before libzmq has let go of its old
+        # connection would otherwise be ignored for good (libzmq serves only the first holder of an id): the newest
+        # connection takes the id over; its session starts fresh (see handle).
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.worker.start()
         if self.segmenter is not None:
             self.segmenter.start()
-        expiry = asyncio.create_task(self._expire_sessions())
-        receiver = asyncio.create_task(self._receive_forever())
+        tasks = [
+            asyncio.create_task(self._expire_sessions()),
+            asyncio.create_task(self._receive_forever()),
+            asyncio.create_task(self._watch_connections()),
+        ]
         await self._stopping.wait()
-        receiver.cancel()
-        expiry.cancel()
-        for task in (receiver, expiry):
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for key, job in list(self._jobs.items()):
@@ -113,21 +126,22 @@ class Server:
             self._stopping.set()
 
     async def _receive_forever(self) -> None:
-        sock, monitor = self._socket, self._monitor
-        assert sock is not None and monitor is not None
-        poller = zmq.asyncio.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        sock = self._socket
+        assert sock is not None
         while True:
-            await poller.poll()
-            for _ in range(BATCH):
-                self._read_monitor()  # before each message: a closed connection is known before its fd is reused
-                try:
-                    parts = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._receive(parts)
-            await asyncio.sleep(0)
+            parts = await sock.recv_multipart(copy=False)
+            self._read_monitor()  # first: a closed connection is known before its fd can speak again
+            self._receive(parts)
+
+    async def _watch_connections(self) -> None:
+        """Read the monitor when no message comes, so that a gone client's state is released promptly. (Only ever
+        read synchronously on this loop, in order: a second reader could see a reused fd's events out of order.)"""
+        while True:
+            await asyncio.sleep(MONITOR_PERIOD)
+            self._read_monitor()
+            if self._trim_due:
+                self._trim_due = False
+                await asyncio.to_thread(trim_heap)
 
     def _receive(self, parts: list[zmq.Frame]) -> None:
         frames = [part.bytes for part in parts]
@@ -409,7 +423,8 @@ class Server:
                 del self._jobs[session.key]
             else:
                 job.cancelled.set()
-        session.clear()
+        if session.clear() >= TRIM_AFTER_SECONDS:
+            self._trim_due = True
         self._forget(session.key)
 
     def _forget(self, key: bytes) -> None:
@@ -450,6 +465,18 @@ def _model_report(state: ModelState) -> dict[str, Any]:
         "idle_seconds": round(state.idle_seconds(), 1),
         "keep_alive": state.keep_alive,
     }
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    Audio chunks of a few MB are allocated from glibc's heap once its mmap threshold has adapted upwards, and a
+    freed heap is not given back on its own: without this, the RSS stays at its peak after clients who buffered
+    minutes of audio have gone."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):  # another libc (musl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def resident_memory() -> int:
