@@ -163,6 +163,13 @@ class Settings:
         lo=0.0,
         hi=3600.0,
     )
+    bulk_audio_rate: float = _field(
+        60.0,
+        "seconds of audio per second that all clients together may send ahead of real time (recordings sent at "
+        "once, such as files; a burst of buffer_seconds is allowed); a chunk past it gets `overloaded`",
+        lo=1.0,
+        hi=100_000.0,
+    )
     heartbeat_seconds: float = _field(
         2.0,
         "ZMTP heartbeat interval of the daemon's socket; a client silent for 3 intervals is disconnected",

@@ -31,7 +31,7 @@ from sottovoce.client import protocol as p
 from sottovoce.client.config import Settings
 
 from .segmenter import Segmenter
-from .sessions import Peer, Session, SessionTable
+from .sessions import BulkBudget, Peer, Session, SessionTable
 from .worker import AskJob, ForgetJob, ModelState, ModelWorker, WarmJob
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Server:
             max_total_seconds=settings.max_buffered_seconds,
         )
         self._max_chunk_samples = int(settings.max_chunk_seconds * p.SAMPLE_RATE)
+        self._bulk = BulkBudget(settings.bulk_audio_rate, settings.buffer_seconds)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -130,15 +131,21 @@ class Server:
         assert sock is not None
         while True:
             parts = await sock.recv_multipart(copy=False)
-            self._read_monitor()  # first: a closed connection is known before its fd can speak again
-            self._receive(parts)
+            try:
+                self._read_monitor()  # first: a closed connection is known before its fd can speak again
+                self._receive(parts)
+            except Exception:  # a bug here must not stop the daemon from reading its socket
+                log.exception("internal error receiving a message")
 
     async def _watch_connections(self) -> None:
         """Read the monitor when no message comes, so that a gone client's state is released promptly. (Only ever
         read synchronously on this loop, in order: a second reader could see a reused fd's events out of order.)"""
         while True:
             await asyncio.sleep(MONITOR_PERIOD)
-            self._read_monitor()
+            try:
+                self._read_monitor()
+            except Exception:
+                log.exception("internal error reading the socket monitor")
             if self._trim_due:
                 self._trim_due = False
                 await asyncio.to_thread(trim_heap)
@@ -241,6 +248,7 @@ class Server:
                     "max_sessions": self.settings.max_sessions,
                     "max_buffered_seconds": self.settings.max_buffered_seconds,
                     "vad_lead_seconds": self.settings.vad_lead_seconds,
+                    "bulk_audio_rate": self.settings.bulk_audio_rate,
                     "heartbeat_seconds": self.settings.heartbeat_seconds,
                 },
             ),
@@ -254,8 +262,22 @@ class Server:
                 "(limits.max_chunk_samples); send smaller chunks",
                 msg.id,
             )
-        self.sessions.check_room(session, int(np.ceil(msg.pcm.size * p.SAMPLE_RATE / msg.rate)), ref=msg.id)
+        samples = int(np.ceil(msg.pcm.size * p.SAMPLE_RATE / msg.rate))
+        self.sessions.check_room(session, samples, ref=msg.id)
+        # Live audio (within vad_lead_seconds of real time for this client) is always taken; audio further ahead
+        # draws from a daemon-wide budget, so that dumping recordings at wire speed cannot eat the IO thread.
+        seconds, now = samples / p.SAMPLE_RATE, time.monotonic()
+        arrives = max(session.clock, now) + seconds
+        if arrives - now > self.settings.vad_lead_seconds and not self._bulk.take(seconds):
+            raise p.ProtocolError(
+                p.ErrorCode.OVERLOADED,
+                f"audio is arriving faster than real time from all clients together (more than "
+                f"{self.settings.bulk_audio_rate:g} s of audio per second); chunk refused, buffered audio kept: "
+                "send at real time, or wait and resend",
+                msg.id,
+            )
         added = session.append(msg.pcm, msg.rate, ref=msg.id)
+        session.clock = arrives
         if self.segmenter is not None:
             self.segmenter.audio(session.key, session.utterance, added)
 

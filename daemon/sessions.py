@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import soxr
@@ -52,6 +52,8 @@ class Session:
     """Id of this client's queued or running ask, cleared when its last reply is sent."""
     utterance: int = 0
     """Counts recordings: a new one starts after each voice ask and each reset."""
+    clock: float = 0.0
+    """Virtual time at which the audio received so far would have finished arriving, spoken in real time."""
     _blocks: list[np.ndarray] = dataclasses.field(default_factory=list)
     _samples: int = 0
     _resampler: soxr.ResampleStream | None = None
@@ -132,6 +134,25 @@ class Session:
         dropped = self.buffered_seconds
         self._blocks, self._samples, self._resampler = [], 0, None
         return dropped
+
+
+class BulkBudget:
+    """A token bucket, daemon-wide, for audio that arrives ahead of real time: it bounds what dumping recordings
+    costs (copying, checking, buffering) however many clients do it, while live audio never draws from it."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate, self._burst, self._clock = rate, burst, clock
+        self._tokens = burst
+        self._last = clock()
+
+    def take(self, seconds: float) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if seconds > self._tokens:
+            return False
+        self._tokens -= seconds
+        return True
 
 
 class SessionTable:

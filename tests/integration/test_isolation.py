@@ -271,6 +271,26 @@ def test_total_buffered_audio_is_bounded_and_each_client_keeps_its_reserve(
     other.close()
 
 
+def test_audio_far_ahead_of_real_time_is_budgeted_and_live_audio_never_refused(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(bulk_audio_rate="1", buffer_seconds="20")  # a burst of 20 s, then 1 s per second
+    dumper = Raw(daemon.endpoint)
+    for _ in range(2):  # 10 s live (within the lead), then 10 s of the 20 s burst
+        dumper.send(p.Chunk(pcm=tone(10.0), id="ok"))
+    dumper.reply_to(dumper.send(p.Reset()))
+    refused = dumper.reply_to(dumper.send(p.Chunk(pcm=tone(15.0))))  # 10 s (+1 s per second) left: too soon
+    assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.OVERLOADED, refused
+    speaker = Raw(daemon.endpoint)  # live: paced at real time, never counted against the allowance
+    speech = tone(1.5)
+    for start in range(0, speech.size, p.CHUNK_SAMPLES):
+        speaker.send(p.Chunk(pcm=speech[start : start + p.CHUNK_SAMPLES]))
+        time.sleep(p.CHUNK_SAMPLES / p.SAMPLE_RATE)
+    assert speaker.reply_to(speaker.send(p.Status())).buffered_seconds == 1.5  # type: ignore[attr-defined]
+    dumper.close()
+    speaker.close()
+
+
 # ---- 4. a dead daemon is noticed ---------------------------------------------------------------------------------
 
 
