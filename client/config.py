@@ -166,7 +166,7 @@ class Settings:
     bulk_audio_rate: float = _field(
         60.0,
         "seconds of audio per second that all clients together may send ahead of real time (recordings sent at "
-        "once, such as files; a burst of buffer_seconds is allowed); a chunk past it gets `overloaded`",
+        "once, such as files; a burst of max_buffered_seconds is allowed); a chunk past it gets `overloaded`",
         lo=1.0,
         hi=100_000.0,
     )

@@ -66,7 +66,7 @@ class Server:
             max_total_seconds=settings.max_buffered_seconds,
         )
         self._max_chunk_samples = int(settings.max_chunk_seconds * p.SAMPLE_RATE)
-        self._bulk = BulkBudget(settings.bulk_audio_rate, settings.buffer_seconds)
+        self._bulk = BulkBudget(settings.bulk_audio_rate, burst=settings.max_buffered_seconds)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -263,6 +263,7 @@ class Server:
                 msg.id,
             )
         samples = int(np.ceil(msg.pcm.size * p.SAMPLE_RATE / msg.rate))
+        session.check_cap(samples, ref=msg.id)
         self.sessions.check_room(session, samples, ref=msg.id)
         # Live audio (within vad_lead_seconds of real time for this client) is always taken; audio further ahead
         # draws from a daemon-wide budget, so that dumping recordings at wire speed cannot eat the IO thread.

@@ -76,14 +76,7 @@ class Session:
 
         Returns the 16 kHz audio added (a resampler holds a few samples back until `flush`)."""
         # Check the cap before touching the resampler, so a refused chunk changes nothing.
-        expected = int(np.ceil(pcm.size * SAMPLE_RATE / rate))
-        if self._samples + expected > self.max_samples:
-            raise ProtocolError(
-                ErrorCode.TOO_LARGE,
-                f"audio buffer is full ({self.max_samples / SAMPLE_RATE:.0f} s cap, "
-                f"{self.buffered_seconds:.1f} s buffered); chunk refused, buffered audio kept — send `ask` or `reset`",
-                ref,
-            )
+        self.check_cap(int(np.ceil(pcm.size * SAMPLE_RATE / rate)), ref)
         added = []
         if rate != SAMPLE_RATE:
             pcm = self._resample(pcm, rate)
@@ -95,6 +88,16 @@ class Session:
             self._samples += block.size
             added.append(block)
         return np.concatenate(added) if len(added) > 1 else (added[0] if added else np.zeros(0, np.float32))
+
+    def check_cap(self, samples: int, ref: str | None = None) -> None:
+        """Refuse (`too-large`) ``samples`` more at 16 kHz if the buffer would pass its cap."""
+        if self._samples + samples > self.max_samples:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"audio buffer is full ({self.max_samples / SAMPLE_RATE:.0f} s cap, "
+                f"{self.buffered_seconds:.1f} s buffered); chunk refused, buffered audio kept — send `ask` or `reset`",
+                ref,
+            )
 
     def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
         # A stream resampler keeps its filter state between chunks: resampling each chunk alone would click.

@@ -274,7 +274,7 @@ def test_total_buffered_audio_is_bounded_and_each_client_keeps_its_reserve(
 def test_audio_far_ahead_of_real_time_is_budgeted_and_live_audio_never_refused(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    daemon = daemon_factory(bulk_audio_rate="1", buffer_seconds="20")  # a burst of 20 s, then 1 s per second
+    daemon = daemon_factory(bulk_audio_rate="1", max_buffered_seconds="20")  # a burst of 20 s, then 1 s/s
     dumper = Raw(daemon.endpoint)
     for _ in range(2):  # 10 s live (within the lead), then 10 s of the 20 s burst
         dumper.send(p.Chunk(pcm=tone(10.0), id="ok"))
