@@ -13,9 +13,11 @@ Fairness. One thread listens to every client, so no client may hold it up for an
   long recording at once is far in the future, so it is listened to only when nobody else is waiting.
 - Audio is queued in slices of at most ``SLICE_SAMPLES``, so the longest wait behind another client is one slice.
 - A client may run at most ``lead_seconds`` ahead of real time. Past that the rest of its recording is not listened
-  to at all (its queued audio is dropped here; the daemon still buffers it): its ask transcribes the whole
-  recording, as the daemon does with ``incremental = false``. Listening to audio faster than it is spoken gains
-  nothing and was what let a 600 s dump stall everybody else.
+  to while it arrives (its queued audio is dropped here; the daemon still buffers it). Only if the client asks with
+  that recording is the rest listened to, from where listening stopped, and with the lowest priority (due when it
+  would have arrived in real time): a dump that is never asked about costs nothing, one that is costs its sender's
+  ask the time, and live speech of others still goes first. Listening to dumps as they came in was what let a
+  600 s dump stall everybody else.
 - A client that goes away (``drop``) loses its lane at once: its queued audio is never processed.
 """
 
@@ -42,7 +44,7 @@ SLICE_SAMPLES = SAMPLE_RATE // 2
 
 @dataclasses.dataclass
 class _Event:
-    kind: str  # "audio" | "ask" | "bulk"
+    kind: str  # "audio" | "ask" | "forget"
     utterance: int
     item: Any
     due: float
@@ -56,7 +58,10 @@ class _Lane:
     clock: float = 0.0
     """Virtual time at which the audio received so far would have finished arriving, spoken in real time."""
     bulk_utterance: int | None = None
-    """This recording ran ahead of real time: it is no longer listened to."""
+    """This recording ran ahead of real time: it is no longer listened to as it arrives."""
+    utterance: int = -1
+    listened: int = 0
+    """Samples of ``utterance`` queued or fed to the tracker (where listening resumes at the ask)."""
     tracker: tuple[int, UtteranceTracker] | None = None
 
 
@@ -94,6 +99,8 @@ class Segmenter:
             now = self._clock()
             start = max(lane.clock, now)
             lane.clock = start + pcm.size / SAMPLE_RATE
+            if lane.utterance != utterance:
+                lane.utterance, lane.listened = utterance, 0
             if lane.bulk_utterance == utterance:
                 return
             if lane.clock - now > self._lead:
@@ -103,20 +110,29 @@ class Segmenter:
                     lane.clock - now,
                 )
                 lane.bulk_utterance = utterance
-                lane.events = collections.deque(e for e in lane.events if e.kind != "audio")
-                lane.events.append(_Event("bulk", utterance, None, now))
-                self._cond.notify()
+                kept = collections.deque(e for e in lane.events if e.kind != "audio")
+                lane.listened -= sum(e.item.size for e in lane.events if e.kind == "audio" and e.utterance == utterance)
+                lane.events = kept
                 return
-            for offset in range(0, pcm.size, SLICE_SAMPLES):
-                due = start + offset / SAMPLE_RATE
-                lane.events.append(_Event("audio", utterance, pcm[offset : offset + SLICE_SAMPLES], due))
+            self._queue_audio(lane, utterance, pcm, start)
             self._cond.notify()
+
+    def _queue_audio(self, lane: _Lane, utterance: int, pcm: np.ndarray, due: float) -> None:
+        for offset in range(0, pcm.size, SLICE_SAMPLES):
+            piece = pcm[offset : offset + SLICE_SAMPLES]
+            lane.events.append(_Event("audio", utterance, piece, due + offset / SAMPLE_RATE))
+        lane.listened += pcm.size
 
     def ask(self, job: AskJob) -> None:
         """Finish the job's utterance and queue the ask behind its stretches."""
         with self._cond:
             lane = self._lanes.setdefault(job.identity, _Lane())
-            lane.events.append(_Event("ask", job.utterance, job, self._clock()))
+            now = self._clock()
+            if lane.bulk_utterance == job.utterance and job.pcm is not None and lane.utterance == job.utterance:
+                # The rest of a recording that ran ahead: listened to now, due as if it had come in real time.
+                rest = job.pcm[lane.listened :]
+                self._queue_audio(lane, job.utterance, rest, max(lane.clock - rest.size / SAMPLE_RATE, now))
+            lane.events.append(_Event("ask", job.utterance, job, now))
             self._cond.notify()
 
     def reset(self, key: bytes) -> None:
@@ -125,7 +141,7 @@ class Segmenter:
             lane = self._lanes.get(key)
             if lane is not None:
                 lane.events = collections.deque(e for e in lane.events if e.kind == "ask")
-                lane.events.append(_Event("bulk", -1, None, self._clock()))  # drops the tracker, in order
+                lane.events.append(_Event("forget", -1, None, self._clock()))  # drops the tracker, in order
 
     def drop(self, key: bytes) -> None:
         """The client is gone: forget it now, queued audio included (an ask it had queued is withdrawn by the
@@ -180,7 +196,7 @@ class Segmenter:
                     self._on_audio(key, lane, event.utterance, event.item)
                 elif event.kind == "ask":
                     self._on_ask(lane, event.utterance, event.item)
-                elif event.kind == "bulk":
+                elif event.kind == "forget":
                     lane.tracker = None
             except Exception:
                 # A bug here must not stop the ask: it falls back to transcribing the whole recording.
@@ -215,7 +231,7 @@ class Segmenter:
     def _on_ask(self, lane: _Lane, utterance: int, job: AskJob) -> None:
         current, lane.tracker = lane.tracker, None
         if current is None or current[0] != utterance:
-            self._submit(job)  # nothing tracked (ran ahead of real time, or a bug): whole recording
+            self._submit(job)  # nothing tracked (all audio came before a reset, or a bug): whole recording
             return
         tracker = current[1]
         tail = tracker.finish()

@@ -54,17 +54,25 @@ def test_live_audio_is_listened_to_before_audio_that_arrived_early() -> None:
     assert heard.count(b"dump") == 8.0 * RATE / SLICE_SAMPLES
 
 
-def test_audio_far_ahead_of_real_time_is_not_listened_to_and_its_ask_gets_the_whole_recording() -> None:
-    seg, _, submitted, heard = make(lead=10.0)
-    seg.audio(b"dump", 0, noise(5.0))  # within the lead: listened to
+def test_audio_far_ahead_of_real_time_is_listened_to_only_at_its_ask_and_last() -> None:
+    seg, clock, submitted, heard = make(lead=10.0)
+    seg.audio(b"dump", 0, noise(5.0))  # within the lead: queued
     seg.audio(b"dump", 0, noise(30.0))  # 35 s ahead: the rest of this recording is not
     assert seg.pending_seconds() == 0.0  # even the first 5 s are dropped from the queue
     seg.audio(b"dump", 0, noise(30.0))
     assert seg.pending_seconds() == 0.0
-    job = ask(b"dump")
-    seg.ask(job)
     seg.run_pending()
-    assert heard == [] and submitted == [job] and not job.incremental
+    assert heard == []  # a dump nobody asks about costs nothing
+    job = AskJob(b"dump", "a", None, noise(65.0), 8, 0.0, None, True, "", utterance=0)
+    seg.ask(job)  # now its whole recording is listened to...
+    assert seg.pending_seconds() == 65.0
+    clock.now += 0.1
+    seg.audio(b"live", 0, noise(0.256))
+    seg.run_pending()
+    # ...as if it had come in real time: only its first slice was due before the live chunk of another client.
+    assert heard.index(b"live") == 1, heard
+    assert heard.count(b"dump") == 65.0 * RATE / SLICE_SAMPLES
+    assert submitted[-1] is job and job.incremental
 
 
 def test_a_client_that_goes_is_forgotten_with_its_queued_audio() -> None:
