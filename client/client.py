@@ -19,12 +19,17 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import config, paths, security
 from . import protocol as p
 from .errors import DaemonUnavailable, RemoteError, Timeout, VersionMismatch, remote_error
 
 STREAM_CHUNK_SAMPLES = p.SAMPLE_RATE  # 1 s per message when sending a whole recording at once
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+"""ZMTP heartbeats: a daemon that stops answering pings for 3 s (frozen, or its machine gone) is disconnected. A
+daemon that dies is noticed at once, from the connection closing (the socket monitor's EVENT_DISCONNECTED)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +90,24 @@ class Client:
         # Queue nothing while no daemon is connected: otherwise a restarted daemon would replay what was sent to a
         # dead one (an abandoned ask would run again).
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         security.secure_client_socket(self._sock, self.endpoint)
+        # The monitor tells when the connection closes: the daemon died or stopped, and no reply will come.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(self.endpoint)
         self._open: dict[str, collections.deque[p.Message]] = {}
         """Replies received for requests still waiting, by request id."""
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     # ---- lifecycle ----
     def close(self) -> None:
+        if self._monitor.closed:
+            return
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def __enter__(self) -> Client:
@@ -195,7 +209,7 @@ class Client:
         if audio is not None:
             self._ensure_hello()
             pcm = _as_mono_float32(audio)
-            for start in range(0, max(pcm.size, 1), STREAM_CHUNK_SAMPLES):
+            for start in range(0, pcm.size, STREAM_CHUNK_SAMPLES):
                 self.send_chunk(pcm[start : start + STREAM_CHUNK_SAMPLES], rate)
         ask_id = self.begin_ask(text, **options)
         seen_errors = len(self.chunk_errors)
@@ -236,7 +250,7 @@ class Client:
         """Read what the daemon sent unasked for up to ``timeout`` seconds (refused chunks go to `chunk_errors`);
         return the early transcripts received since the last call."""
         deadline = time.monotonic() + timeout
-        while self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        while self._poll(max(0, int((deadline - time.monotonic()) * 1000)), waiting_for="early transcripts"):
             self._receive_one()
             if time.monotonic() >= deadline:
                 break
@@ -260,6 +274,7 @@ class Client:
             raise DaemonUnavailable(f"sottovoce daemon not running at {self.endpoint} (start it: `sottovoce daemon`)")
 
     def _send(self, msg: p.Message) -> None:
+        self._read_monitor()  # a disconnect before this request is history: ZeroMQ reconnects by itself
         if not self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
             self._check_socket_file()
             raise DaemonUnavailable(f"no sottovoce daemon is connected at {self.endpoint}")
@@ -282,7 +297,7 @@ class Client:
         deadline = time.monotonic() + timeout
         while not queued:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poller.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0 or not self._poll(max(1, int(remaining * 1000)), waiting_for=waiting_for):
                 self._check_socket_file()
                 raise Timeout(
                     f"no reply from the daemon at {self.endpoint} for {timeout:g} s while waiting for {waiting_for}"
@@ -294,6 +309,31 @@ class Client:
         if isinstance(reply, p.Error):
             raise remote_error(reply.code, reply.text, reply.ref)
         return reply
+
+    def _poll(self, timeout_ms: int, *, waiting_for: str) -> bool:
+        """Wait until a message can be read (True) or ``timeout_ms`` passes (False); raise DaemonUnavailable as soon
+        as the connection to the daemon closes, since nothing sent before it will be answered."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._sock in ready:
+                return True  # replies already received come before the news of a disconnect
+            if self._monitor in ready and self._read_monitor():
+                self._check_socket_file()
+                raise DaemonUnavailable(
+                    f"the daemon at {self.endpoint} closed the connection (it stopped or died) "
+                    f"while this client was waiting for {waiting_for}"
+                )
+            if not ready or time.monotonic() >= deadline:
+                return False
+
+    def _read_monitor(self) -> bool:
+        """Consume the monitor's events; True if the connection closed (and did not come back since)."""
+        lost = False
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            lost = event == zmq.EVENT_DISCONNECTED
+        return lost
 
     def _receive_one(self) -> None:
         """Read one message and file it: under its open request, as an early transcript, or as a refused chunk."""

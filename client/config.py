@@ -202,6 +202,36 @@ class Settings:
     max_chunk_seconds: float = _field(30.0, "cap on one chunk message, in seconds of audio", lo=0.1, hi=600.0)
     queue_depth: int = _field(4, "asks waiting for the model thread before new ones get `busy`", lo=1, hi=1024)
     session_idle_seconds: float = _field(900.0, "forget a client's session after this long without a message", lo=1.0)
+    max_sessions: int = _field(
+        64, "clients the daemon holds state for at once; a new one past it gets `overloaded`", lo=1, hi=65536
+    )
+    max_buffered_seconds: float = _field(
+        1800.0,
+        "cap on the audio buffered by all clients together, in seconds (each client may always buffer "
+        "max_buffered_seconds / max_sessions); a chunk past it gets `overloaded`",
+        lo=1.0,
+        hi=1_000_000.0,
+    )
+    vad_lead_seconds: float = _field(
+        10.0,
+        "how far a client's audio may run ahead of real time and still be listened to while it arrives; a "
+        "recording that runs further ahead is transcribed whole after its ask",
+        lo=0.0,
+        hi=3600.0,
+    )
+    bulk_audio_rate: float = _field(
+        60.0,
+        "seconds of audio per second that all clients together may send ahead of real time (recordings sent at "
+        "once, such as files; a burst of max_buffered_seconds is allowed); a chunk past it gets `overloaded`",
+        lo=1.0,
+        hi=100_000.0,
+    )
+    heartbeat_seconds: float = _field(
+        2.0,
+        "ZMTP heartbeat interval of the daemon's socket; a client silent for 3 intervals is disconnected",
+        lo=0.1,
+        hi=3600.0,
+    )
     max_message_bytes: int = _field(
         256 * 1024 * 1024, "ZMQ_MAXMSGSIZE: a larger frame drops the connection", lo=1024 * 1024
     )

@@ -53,11 +53,12 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
 
 
-def ensure_private_dir(path: Path) -> Path:
+def ensure_private_dir(path: Path, *, fix: str | None = None) -> Path:
     """Create ``path`` as 0700, or check that an existing one belongs to us and nobody else can enter it.
 
     A socket in a directory that others can write could be replaced under us; one others can enter could be
-    connected to. Refusing is safer than silently fixing a directory someone else may have made.
+    connected to. Refusing is safer than silently fixing a directory someone else may have made. ``fix`` replaces
+    the advice to chmod it (wrong for a folder the user chose to share, like /tmp).
     """
     old_umask = os.umask(0o077)
     try:
@@ -66,9 +67,10 @@ def ensure_private_dir(path: Path) -> Path:
         os.umask(old_umask)
     st = path.stat()
     if st.st_uid != os.getuid():
-        raise UnsafeDirectoryError(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()})")
+        advice = f"; {fix}" if fix else ""
+        raise UnsafeDirectoryError(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}){advice}")
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise UnsafeDirectoryError(
-            f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); run `chmod 700 {path}`"
+            f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); {fix or f'run `chmod 700 {path}`'}"
         )
     return path

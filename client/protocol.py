@@ -19,7 +19,9 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-PROTOCOL_VERSION = "1.0"
+from .config import WHISPER_LANGUAGES
+
+PROTOCOL_VERSION = "1.1"
 PROTOCOL_MAJOR = int(PROTOCOL_VERSION.split(".")[0])
 MARKER = f"sottovoce/{PROTOCOL_MAJOR}".encode()
 MARKER_PREFIX = b"sottovoce/"
@@ -32,6 +34,9 @@ MIN_ASK_SAMPLES = CHUNK_SAMPLES * 4
 """Below this many samples (at 16 kHz) a voice ask is answered with ``not-enough-audio``, as in the seed app."""
 MAX_HEADER_BYTES = 64 * 1024
 PCM_DTYPE = np.dtype("<f4")
+MAX_SAMPLE_MAGNITUDE = 2.0
+"""Samples belong in [-1, 1]; float audio may overshoot a little, but beyond this it is integer PCM that was never
+divided by 32768 (and would be heard as silence or noise), so it is refused."""
 
 
 class ErrorCode:
@@ -47,6 +52,8 @@ class ErrorCode:
     NOTHING_TO_CANCEL = "nothing-to-cancel"  # cancel with no ask running
     MODEL_ERROR = "model-error"  # a model failed to load or to run
     CANCELLED = "cancelled"  # the ask was cancelled (by `cancel`, `reset` or the client vanishing)
+    OVERLOADED = "overloaded"  # a daemon-wide bound: too many clients, or too much audio buffered by all of them
+    SHUTTING_DOWN = "shutting-down"  # the daemon is stopping: the ask was not finished
     INTERNAL = "internal"  # a bug in the daemon; it keeps serving
 
     ALL: ClassVar[frozenset[str]] = frozenset(
@@ -61,6 +68,8 @@ class ErrorCode:
             NOTHING_TO_CANCEL,
             MODEL_ERROR,
             CANCELLED,
+            OVERLOADED,
+            SHUTTING_DOWN,
             INTERNAL,
         }
     )
@@ -242,6 +251,8 @@ def decode_pcm(payload: bytes | None, ref: str | None = None) -> np.ndarray:
     """Raw little-endian float32 bytes -> a read-only float32 array; refuses partial samples and NaN/Inf."""
     if payload is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "chunk: missing the PCM payload frame", ref)
+    if not payload:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "chunk: the PCM payload frame is empty", ref)
     if len(payload) % PCM_DTYPE.itemsize:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
@@ -249,8 +260,16 @@ def decode_pcm(payload: bytes | None, ref: str | None = None) -> np.ndarray:
             ref,
         )
     pcm = np.frombuffer(payload, dtype=PCM_DTYPE)
-    if pcm.size and not np.isfinite(pcm).all():
+    if not np.isfinite(pcm).all():
         raise ProtocolError(ErrorCode.BAD_REQUEST, "chunk: PCM contains NaN or infinite samples", ref)
+    peak = float(np.abs(pcm).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"chunk: samples must lie in [-1, 1], got a peak of {peak:g}; integer PCM must be divided by its full "
+            "scale (32768 for int16) before it is sent as float32",
+            ref,
+        )
     return pcm.astype(np.float32, copy=False)
 
 
@@ -275,6 +294,10 @@ class Ask(Message):
         _check_number(self, "max_tokens", integer=True, lo=1, hi=32_768)
         _check_number(self, "temperature", lo=0.0, hi=2.0)
         _check_str(self, "language", max_len=16)
+        if self.language is not None and self.language.lower() not in WHISPER_LANGUAGES:
+            raise _fail(
+                self, f"field 'language' must be a Whisper language code such as 'en' or 'de', got {self.language!r}"
+            )
         _check_bool(self, "stream")
         _check_str(self, "system_prompt", max_len=100_000)
         if self.text is not None and not self.text.strip():
@@ -352,6 +375,10 @@ class Report(Message):
     asks_served: int = 0
     memory_bytes: int = 0
     """Resident memory of the daemon process."""
+    buffered_seconds_total: float = 0.0
+    """Audio buffered by all clients together."""
+    listening_seconds: float = 0.0
+    """Audio of all clients still waiting for voice activity detection."""
 
     def validate(self) -> None:
         super().validate()
@@ -459,15 +486,22 @@ def decode(frames: Sequence[bytes], *, allowed: frozenset[str] | None = None) ->
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected [marker, header, payload?], got {len(frames)} frame(s)")
     marker, raw_header, *rest = frames
     if not bytes(marker).startswith(MARKER_PREFIX):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"first frame must be {MARKER!r}, got {bytes(marker)[:32]!r}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"first frame must be {MARKER!r}, got {bytes(marker)[:32]!r}",
+            _readable_id(raw_header),
+        )
     if bytes(marker) != MARKER:
         raise ProtocolError(
             ErrorCode.VERSION,
             f"protocol {bytes(marker)[len(MARKER_PREFIX) : 32].decode(errors='replace')} is not supported; "
             f"this side speaks {PROTOCOL_VERSION}",
+            _readable_id(raw_header),
         )
     if len(rest) > 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected at most 3 frames, got {len(frames)}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"expected at most 3 frames, got {len(frames)}", _readable_id(raw_header)
+        )
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"header is larger than {MAX_HEADER_BYTES} bytes")
     try:
@@ -494,6 +528,23 @@ def decode(frames: Sequence[bytes], *, allowed: frozenset[str] | None = None) ->
     if payload is not None and not cls.HAS_PAYLOAD:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind}: takes no payload frame", ref)
     return cls.from_header(header, payload)
+
+
+def _readable_id(raw_header: bytes) -> str | None:
+    """The header's ``id`` when it can be read at all, so that even an error about the frames can be matched to
+    the request (a client waiting for that id need not time out)."""
+    if len(raw_header) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = json.loads(bytes(raw_header), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+    ref = _ref_of(header) if isinstance(header, dict) else None
+    try:
+        json.dumps(ref, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: no reply could carry it back
+        return None
+    return ref
 
 
 def _refuse_constant(name: str) -> Any:

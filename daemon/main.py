@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+SHUTDOWN_LINGER_MS = 500
+
+
 class EndpointError(RuntimeError):
     pass
 
@@ -151,8 +154,13 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     security.check_endpoint(endpoint, insecure_loopback=insecure_loopback)
     runtime = paths.ensure_private_dir(paths.runtime_dir())
     ipc = paths.ipc_path(endpoint)
-    if ipc is not None:
-        paths.ensure_private_dir(ipc.parent)
+    if ipc is not None and ipc.parent != runtime:
+        # A folder the user named, often a shared one like /tmp: advise another folder, never to chmod this one.
+        paths.ensure_private_dir(
+            ipc.parent,
+            fix=f"put the socket in a folder only you can enter (the default is {runtime}/daemon.sock), "
+            "and leave the permissions of shared folders alone",
+        )
     lock = EndpointLock.for_endpoint(endpoint, runtime)
     lock.acquire()
 
@@ -176,6 +184,12 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of vanishing silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    # ZMTP heartbeats: a client that stops answering pings (its machine froze, the network went) is disconnected,
+    # and the socket monitor then frees its session (see server). Clients ping the daemon the same way.
+    heartbeat_ms = int(settings.heartbeat_seconds * 1000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
     authenticator = security.secure_server_socket(sock, ctx, endpoint, insecure_loopback=insecure_loopback)
     try:
         if ipc is not None:
@@ -203,7 +217,7 @@ async def serve(settings: config.Settings, *, insecure_loopback: bool = False) -
     try:
         await server.serve(sock)
     finally:
-        sock.close(linger=0)
+        sock.close(linger=SHUTDOWN_LINGER_MS)  # long enough for the last `shutting-down` replies to leave
         if authenticator is not None:
             authenticator.stop()  # before term(): its open ZAP socket would block term() forever
         ctx.term()

@@ -62,6 +62,28 @@ class AskJob:
     tail_speech_until: int = 0
     received: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel_code: str = ErrorCode.CANCELLED
+    """The code a cancelled ask ends with (`shutting-down` when the daemon stops)."""
+    _state: str = "queued"
+    _state_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def claim(self) -> bool:
+        """The model thread takes the job; False when the IO thread withdrew it first (it has answered already)."""
+        with self._state_lock:
+            if self._state == "withdrawn":
+                return False
+            self._state = "running"
+            return True
+
+    def withdraw(self) -> bool:
+        """The IO thread takes back a job not yet started (a cancel of a queued ask is answered at once, freeing
+        the client); False when the model thread already runs it (then ``cancelled`` stops it between tokens)."""
+        with self._state_lock:
+            if self._state != "queued":
+                return False
+            self._state = "withdrawn"
+            self.cancelled.set()
+            return True
 
 
 @dataclasses.dataclass
@@ -235,7 +257,8 @@ class ModelWorker:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(job, AskJob):
+            if isinstance(job, AskJob) and job.claim():
+                job.cancel_code = ErrorCode.SHUTTING_DOWN
                 self._cancelled(job)
 
     # ---- keep-alive: models unload when idle and load again on the next use ----
@@ -337,6 +360,9 @@ class ModelWorker:
 
     # ---- asks ----
     def _serve(self, job: AskJob) -> None:
+        if not job.claim():  # withdrawn while queued: the IO thread has sent its final reply
+            self._early.pop(job.identity, None)
+            return
         if job.cancelled.is_set():
             self._early.pop(job.identity, None)
             self._cancelled(job)
@@ -439,7 +465,8 @@ class ModelWorker:
         self._emit(job.identity, done, True)
 
     def _cancelled(self, job: AskJob) -> None:
-        self._emit(job.identity, Error(ref=job.ask_id, code=ErrorCode.CANCELLED, text="the ask was cancelled"), True)
+        text = "the daemon is shutting down" if job.cancel_code == ErrorCode.SHUTTING_DOWN else "the ask was cancelled"
+        self._emit(job.identity, Error(ref=job.ask_id, code=job.cancel_code, text=text), True)
 
     def _model_unavailable(self, job: AskJob, state: ModelState) -> None:
         text = f"{state.name} is not loaded: {state.error or 'still loading'}"

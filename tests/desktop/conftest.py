@@ -228,14 +228,22 @@ class Tray(Proc):
 
     # ---- the icon on screen ----
     def icon_rect(self, timeout: float = 10.0) -> tuple[int, int, int, int]:
-        """(x, y, w, h) of our icon docked in trayer."""
+        """(x, y, w, h) of our icon docked in trayer, once it has settled at its full size.
+
+        trayer docks an icon in steps (16x30, then 32x30): a rect is taken only when it is about as wide as the
+        panel is high and unchanged between two looks, so that every screenshot compares like with like."""
         deadline = time.monotonic() + timeout
+        previous = None
         while time.monotonic() < deadline:
             panel = self.desktop.tray_window()
+            found = None
             if panel is not None:
                 for rect in self.desktop.windows("sottovoce"):
-                    if _inside(rect, panel) and rect[2] >= 16:
-                        return rect
+                    if _inside(rect, panel) and rect[2] >= 16 and 5 * rect[2] >= 4 * rect[3]:
+                        found = rect
+            if found is not None and found == previous:
+                return found
+            previous = found
             time.sleep(0.1)
         tree = self.desktop.run("xwininfo", "-root", "-tree", check=False).stdout
         raise AssertionError(f"the tray icon did not dock in trayer:\n{tree}")

@@ -189,8 +189,6 @@ class DispatchHarness:
         self.server.worker._queue = DrainQueue()
         self.segmenter = getattr(self.server, "segmenter", None)
         """The voice-activity thread between the IO loop and the model thread (when the daemon has one)."""
-        if self.segmenter is not None:
-            self.segmenter._inbox = DrainQueue()
         self.accepted: dict[tuple[bytes, str], int] = {}
         """(identity, ask id) -> final replies seen, for asks the daemon took (queued)."""
         self.replies: list[tuple[bytes, p.Message]] = []
@@ -224,6 +222,14 @@ class DispatchHarness:
         except Exception as exc:
             raise OracleError(f"protocol.decode raised {type(exc).__name__}: {exc}") from exc
         direct = [r for _, r in replies if getattr(r, "ref", None) is not None]
+        if isinstance(expected, p.Cancel | p.Reset):
+            # A queued ask that is cancelled ends at once, from the IO thread: that is its one final reply.
+            for reply in [r for r in direct if isinstance(r, p.Error) and r.code == p.ErrorCode.CANCELLED]:
+                key = (identity, reply.ref)
+                if self.accepted.get(key) != 0:
+                    raise OracleError(f"`cancelled` for {reply.ref!r}, which is not an open ask of {identity!r}")
+                self.accepted[key] = 1
+                direct.remove(reply)
         for reply in direct:
             if reply.ref != expected.id:  # type: ignore[attr-defined]
                 raise OracleError(f"reply {reply.TYPE} has ref {reply.ref!r}, not {expected.id!r}")  # type: ignore[attr-defined]
@@ -249,7 +255,10 @@ class DispatchHarness:
             if owner is None:
                 continue
             try:
-                owner._run()
+                if owner is self.segmenter:
+                    self.segmenter.run_pending()
+                else:
+                    owner._run()
             except _Idle:
                 pass
             except Exception as exc:
@@ -307,8 +316,8 @@ class DispatchHarness:
 
     def check_bounds(self) -> None:
         server = self.server
-        # Sessions with an ask in flight are never evicted, and each client has at most one ask in flight.
-        cap = MAX_SESSIONS + len(IDENTITIES)
+        # A client past the cap is refused (`overloaded`): the table never grows beyond it.
+        cap = MAX_SESSIONS
         if len(server.sessions) > cap:
             raise OracleError(f"{len(server.sessions)} sessions, cap {cap}")
         for session in server.sessions:
@@ -321,6 +330,7 @@ class DispatchHarness:
         for (identity, ask_id), finals in self.accepted.items():
             if finals != 1 and identity not in self.vanished:
                 raise OracleError(f"ask {ask_id!r} of {identity!r} ended {finals} times")
+        self.server.sessions._max_sessions = len(IDENTITIES)  # a refused newcomer is not a client left busy
         for identity in sorted(self.seen):
             probe = p.Ask(id=f"probe-{identity.hex()}", text="still there?")
             replies = self.feed(identity, p.encode(probe))

@@ -264,3 +264,50 @@ def test_insecure_loopback_serves_plain_tcp_on_loopback_only_by_explicit_choice(
         assert "WITHOUT CURVE" in proc.log()
     finally:
         assert exited_cleanly(proc.stop(), proc.log())
+
+
+# ---- isolation: a routing id never reaches another key's session (issue 11) ------------------------------------
+
+
+def curve_dealer(endpoint: str, keys_folder: Path, routing_id: bytes) -> zmq.Socket:
+    """A client written from PROTOCOL.md alone, that picks its own routing id."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    public, secret = cs.read_keypair(cs.CLIENT, keys_folder)
+    sock.curve_serverkey = cs.read_public_key(cs.public_path(cs.SERVER, keys_folder))
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.connect(endpoint)
+    return sock
+
+
+def ask_and_wait(sock: zmq.Socket, text: str) -> p.Message:
+    ask = p.Ask(text=text, max_tokens=2)
+    sock.send_multipart(p.encode(ask))
+    while True:
+        assert sock.poll(60_000), "no reply"
+        msg = p.decode(sock.recv_multipart())
+        if isinstance(msg, p.Done | p.Error) and msg.ref == ask.id:
+            return msg
+
+
+def test_another_key_with_the_same_routing_id_gets_a_fresh_session(
+    curve_daemon: DaemonProcess, tmp_path: Path, server_keys: Path
+) -> None:
+    laptop = other_client_keys(tmp_path, server_keys, "laptop")
+    assert keys(server_keys, "authorize", str(laptop / "client.key"), "--name", "laptop").returncode == 0
+    question = "What is my bank PIN?"
+    fresh = curve_dealer(curve_daemon.endpoint, laptop, b"fresh")
+    baseline = ask_and_wait(fresh, question)
+    fresh.close()
+
+    a = curve_dealer(curve_daemon.endpoint, server_keys, b"phone")
+    assert isinstance(ask_and_wait(a, "Remember this: my bank PIN is 4921."), p.Done)
+    a.close()
+    b = curve_dealer(curve_daemon.endpoint, laptop, b"phone")  # another authorised key, the same routing id
+    answer = ask_and_wait(b, question)
+    b.close()
+    # B's prompt is a newcomer's: A's turn is not in it (the old daemon answered "Your bank PIN is 4921.").
+    assert isinstance(baseline, p.Done) and isinstance(answer, p.Done)
+    assert answer.prompt_tokens == baseline.prompt_tokens

@@ -224,7 +224,7 @@ def test_cli_ask_audio_files_of_any_format_and_rate(
 def test_cli_status(daemon: DaemonProcess) -> None:
     result = cli("status", daemon=daemon)
     assert result.returncode == 0, result.stderr
-    assert "loaded" in result.stdout and "protocol 1.0" in result.stdout
+    assert "loaded" in result.stdout and f"protocol {p.PROTOCOL_VERSION}" in result.stdout
     as_json = json.loads(cli("status", "--json", daemon=daemon).stdout)
     assert as_json["status"]["models"]["ready"] is True
 

@@ -221,6 +221,7 @@ def test_the_daemon_refuses_an_ipc_endpoint_in_a_shared_folder(
     )
     done = daemon.run_to_exit()
     assert done.returncode == 1 and "open to other users" in done.stderr, done.stderr
+    assert "chmod" not in done.stderr and "folder only you can enter" in done.stderr  # never "chmod 700 /tmp"
     assert not (shared / "d.sock").exists()
 
 

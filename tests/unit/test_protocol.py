@@ -42,6 +42,8 @@ def _sample(cls: type[p.Message]) -> p.Message:
             kwargs["protocol"] = "1.3"
         elif field.name == "temperature":
             kwargs["temperature"] = 0.5
+        elif field.name == "language":
+            kwargs["language"] = "de"
         else:
             kwargs[field.name] = SAMPLES[str(field.type)]
     return cls(**kwargs)

@@ -96,7 +96,7 @@ valid_client_messages = st.one_of(
         p.Chunk,
         id=st.text(max_size=20),
         rate=st.sampled_from([8_000, 16_000, 22_050, 44_100, 48_000]),
-        pcm=st.integers(0, 8192).map(lambda n: np.linspace(-0.5, 0.5, n, dtype=np.float32)),
+        pcm=st.integers(1, 8192).map(lambda n: np.linspace(-0.5, 0.5, n, dtype=np.float32)),
     ),
     st.builds(
         p.Ask,
@@ -189,6 +189,7 @@ def test_decoded_fields_have_the_documented_types(header: dict[str, Any], kind: 
             assert getattr(result, name) is None or isinstance(getattr(result, name), str)
     if isinstance(result, p.Chunk):
         assert type(result.rate) is int and result.rate > 0 and result.pcm.dtype == np.float32
+        assert result.pcm.size and float(np.abs(result.pcm).max()) <= p.MAX_SAMPLE_MAGNITUDE
     if isinstance(result, p.Hello):
         assert isinstance(result.protocol, str)
 
