@@ -109,3 +109,26 @@ class ChatModel(Protocol):
 
     def forget(self, cache_key: str) -> None:
         """Drop the KV cache kept for ``cache_key`` (the client reset or went away)."""
+
+
+# ---- helpers every backend uses -------------------------------------------------------------------------------
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line, for ModelLoadError messages (the traceback goes to the debug log)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def never() -> bool:
+    """A ``ShouldStop`` that never stops (warm-up generations)."""
+    return False
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (prompt caches reuse that much of a kept KV cache)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

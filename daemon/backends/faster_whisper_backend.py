@@ -23,16 +23,11 @@ import numpy as np
 
 from . import openmp
 from . import whisper_common as common
-from .base import DecodingSettings, ModelLoadError, TranscriptResult
+from .base import DecodingSettings, ModelLoadError, TranscriptResult, one_line
 
 logger = logging.getLogger(__name__)
 
 COMPUTE_TYPES = ("int8", "int8_float32", "float32", "float16", "int8_float16", "bfloat16", "default")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _whisper_model_class() -> type:
@@ -115,7 +110,7 @@ class FasterWhisperTranscriber:
             self._decode(np.zeros(common.SAMPLE_RATE, dtype=np.float32), "en", None, temperatures=(0.0,))
         except Exception as exc:
             self._model = None
-            raise ModelLoadError(f"cannot load Whisper model from {self.path}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load Whisper model from {self.path}: {one_line(exc)}") from exc
         logger.debug(
             "loaded Whisper %s (CTranslate2 %s) in %.2f s, warm-up %.2f s",
             self.name,

@@ -33,30 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from . import openmp
-from .base import ChatMessage, GenerationStep, ModelLoadError, ModelRuntimeError, ShouldStop
+from .base import (
+    ChatMessage,
+    GenerationStep,
+    ModelLoadError,
+    ModelRuntimeError,
+    ShouldStop,
+    common_prefix_length,
+    never,
+    one_line,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096
 """Tokens of context (prompt + answer): the system prompt, `history_turns` turns and an answer fit well within it."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _never() -> bool:
-    return False
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclasses.dataclass
@@ -130,14 +121,14 @@ class LlamaCppChatModel:
             self._llm = llm
             self._template, self._system_template = self._templates(llm)
             loaded = time.perf_counter()
-            for _ in self.stream([ChatMessage("user", "Hi")], max_tokens=2, temperature=0.0, should_stop=_never):
+            for _ in self.stream([ChatMessage("user", "Hi")], max_tokens=2, temperature=0.0, should_stop=never):
                 pass  # warm-up: the first decode allocates llama.cpp's compute buffers
         except ModelLoadError:
             self._llm = None
             raise
         except Exception as exc:
             self._llm = None
-            raise ModelLoadError(f"cannot load chat model from {gguf}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load chat model from {gguf}: {one_line(exc)}") from exc
         finally:
             self._conversations.clear()
             self._system_caches.clear()

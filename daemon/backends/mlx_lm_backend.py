@@ -33,31 +33,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import ChatMessage, GenerationStep, ModelLoadError, ShouldStop
+from .base import ChatMessage, GenerationStep, ModelLoadError, ShouldStop, common_prefix_length, never, one_line
 from .hub import model_folder
 
 logger = logging.getLogger(__name__)
 
 PREFILL_STEP = 2048
 """Tokens per forward pass when prefilling a system-prompt cache (mlx-lm's default prefill step)."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _never() -> bool:
-    return False
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclasses.dataclass
@@ -123,12 +105,12 @@ class MlxChatModel:
             # use (seconds on a cold $TMPDIR/mlx cache), which the first real answer should not wait for.
             for temperature in (0.0, 0.7):
                 for _ in self.stream(
-                    [ChatMessage("user", "Hi")], max_tokens=2, temperature=temperature, should_stop=_never
+                    [ChatMessage("user", "Hi")], max_tokens=2, temperature=temperature, should_stop=never
                 ):
                     pass
         except Exception as exc:
             self._model = self._tokenizer = None
-            raise ModelLoadError(f"cannot load chat model from {folder}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load chat model from {folder}: {one_line(exc)}") from exc
         finally:
             self._conversations.clear()
             self._system_caches.clear()

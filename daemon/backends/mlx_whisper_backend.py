@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import whisper_common as common
-from .base import DecodingSettings, ModelLoadError, TranscriptResult
+from .base import DecodingSettings, ModelLoadError, TranscriptResult, one_line
 from .device import compute_dtype, prefers_half_precision
 from .hub import model_folder
 
@@ -32,11 +32,6 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = common.SAMPLE_RATE
 MIN_SPEECH_DBFS = common.MIN_SPEECH_DBFS
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _cast_floats(model: nn.Module, dtype: Any) -> None:
@@ -120,7 +115,7 @@ class MlxWhisperTranscriber:
             self._warm_fallback_sampling()
         except Exception as exc:
             self._model = None
-            raise ModelLoadError(f"cannot load Whisper model from {self.path}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load Whisper model from {self.path}: {one_line(exc)}") from exc
         logger.debug(
             "loaded Whisper %s (fp16=%s) in %.2f s, warm-up %.2f s",
             self.name,

@@ -27,7 +27,7 @@ import pytest
 import real_models  # type: ignore[import-not-found]
 
 from sottovoce.daemon.backends import llama_cpp_backend, mlx_lm_backend
-from sottovoce.daemon.backends.base import ChatMessage, GenerationStep
+from sottovoce.daemon.backends.base import ChatMessage, GenerationStep, common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def expected_cached(engine: Any, chat: Any, messages: list[ChatMessage], from_ca
         return from_caches
     prompt = chat.prompt_tokens(messages)
     limit = len(prompt) - 1
-    shared = min(mlx_lm_backend.common_prefix_length(live, prompt), limit)
+    shared = min(common_prefix_length(live, prompt), limit)
     return max(from_caches, shared) if shared >= max(1, min(n_system(chat, messages), limit)) else from_caches
 
 
@@ -284,11 +284,10 @@ def assert_kept(engine: Any, chat: Any, key: str, messages: list[ChatMessage], s
 
 
 def test_common_prefix_length() -> None:
-    for common_prefix_length in (mlx_lm_backend.common_prefix_length, llama_cpp_backend.common_prefix_length):
-        assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
-        assert common_prefix_length([1, 2], [1, 2, 3]) == 2
-        assert common_prefix_length([], [1]) == 0
-        assert common_prefix_length([5], [1]) == 0
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([5], [1]) == 0
 
 
 def test_first_turn_matches_an_uncached_model(engine: Any, chat: Any, reference: Any) -> None:
