@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -62,9 +63,13 @@ def build_chat_model(plan: engines.Plan, settings: config.Settings) -> ChatModel
         key = settings.llm_api_key or os.environ.get("OPENAI_API_KEY") or None
         backend = OpenAIChatModel(settings.llm_url, plan.model, api_key=key)
     elif plan.engine == "llama.cpp":
+        from sottovoce.daemon.models import store
+
         from .llama_cpp_backend import LlamaCppChatModel
 
-        backend = LlamaCppChatModel(plan.model, **caches)
+        gguf = Path(plan.model)
+        in_store = (gguf.parent / store.MANIFEST).is_file()  # a store entry is known by its name, not its file's
+        backend = LlamaCppChatModel(plan.model, name=gguf.parent.name if in_store else None, **caches)
     else:
         from .mlx_lm_backend import MlxChatModel
 

@@ -87,13 +87,14 @@ class LlamaCppChatModel:
         max_system_prompts: int = 4,
         context_tokens: int = DEFAULT_CONTEXT,
         threads: int = 0,
+        name: str | None = None,
     ) -> None:
         """``context_tokens``: llama.cpp's context size (capped by the model's training length); ``threads``: CPU
-        threads (0 = one per core)."""
+        threads (0 = one per core); ``name``: what `status` shows (default: the file's name)."""
         if max_conversations < 0 or max_system_prompts < 0:
             raise ValueError("cache sizes must not be negative")
         self.path = Path(model)
-        self.name = self.path.stem if self.path.suffix == ".gguf" else self.path.name
+        self.name = name or (self.path.stem if self.path.suffix == ".gguf" else self.path.name)
         self.max_conversations = max_conversations
         self.max_system_prompts = max_system_prompts
         self.context_tokens = context_tokens

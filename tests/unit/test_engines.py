@@ -205,3 +205,16 @@ def test_auto_runs_a_local_mlx_model_on_mlx(store_dir: Path, monkeypatch: pytest
         engines.plan_stt(settings(whisper_model=str(folder), stt_engine="faster-whisper"))
     ct2_entry(store_dir, "whisper-tiny.en")
     assert engines.plan_stt(settings(whisper_model="whisper-tiny.en")).engine == "faster-whisper"
+
+
+def test_a_store_gguf_is_named_by_its_store_name(store_dir: Path, tmp_path: Path) -> None:
+    from sottovoce.daemon.backends.factory import build_chat_model
+
+    gguf_entry(store_dir, "smollm2-135m-instruct")
+    s = settings(llm_engine="llama.cpp", llm_model="smollm2-135m-instruct")
+    assert build_chat_model(engines.plan_llm(s), s).name == "smollm2-135m-instruct"
+    loose = tmp_path / "elsewhere" / "Other-Model.Q8_0.gguf"
+    loose.parent.mkdir()
+    loose.write_bytes((store_dir / "smollm2-135m-instruct" / "Model.Q4_1.gguf").read_bytes())
+    s = settings(llm_engine="llama.cpp", llm_model=str(loose))
+    assert build_chat_model(engines.plan_llm(s), s).name == "Other-Model.Q8_0"
