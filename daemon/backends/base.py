@@ -7,6 +7,7 @@ tested with fakes and the real MLX path stays one obvious class per model (``mlx
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -132,3 +133,25 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def role_lines(messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+    """The prompt of a model without a chat template: a plain transcript that ends where the assistant's turn
+    starts."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+
+
+def system_prefix_length(
+    render: Callable[[Sequence[ChatMessage]], list[int]], messages: Sequence[ChatMessage], prompt: Sequence[int]
+) -> int:
+    """How many leading ``prompt`` tokens come from the system message alone (0 without one); ``render`` renders
+    messages without the assistant's header. Whatever the template does at the boundary, the tokens both renderings
+    share are a valid KV prefix."""
+    if not messages or messages[0].role != "system":
+        return 0
+    try:
+        alone = render(messages[:1])
+    except Exception:  # some templates refuse a conversation without a user turn
+        logging.getLogger(__name__).debug("chat template cannot render the system message alone: no system cache")
+        return 0
+    return common_prefix_length(alone, prompt)

@@ -42,6 +42,8 @@ from .base import (
     common_prefix_length,
     never,
     one_line,
+    role_lines,
+    system_prefix_length,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,9 +186,7 @@ class LlamaCppChatModel:
         llm = self._loaded()
         formatter = self._template if add_generation_prompt else self._system_template
         if formatter is None:
-            text = "".join(f"{m.role}: {m.content}\n" for m in messages) + (
-                "assistant:" if add_generation_prompt else ""
-            )
+            text = role_lines(messages, add_generation_prompt=add_generation_prompt)
             return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
         rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         # The template writes the special tokens (BOS included where the model wants one) as text.
@@ -194,14 +194,7 @@ class LlamaCppChatModel:
 
     def _system_prefix_length(self, messages: Sequence[ChatMessage], prompt: Sequence[int]) -> int:
         """How many leading prompt tokens come from the system message alone (0 without one)."""
-        if not messages or messages[0].role != "system":
-            return 0
-        try:
-            alone = self._render(messages[:1], add_generation_prompt=False)
-        except Exception:  # some templates refuse a conversation without a user turn
-            logger.debug("chat template cannot render the system message alone; no system-prompt cache")
-            return 0
-        return common_prefix_length(alone, prompt)
+        return system_prefix_length(lambda m: self._render(m, add_generation_prompt=False), messages, prompt)
 
     # ---- saved states ----
 

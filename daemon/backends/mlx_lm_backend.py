@@ -33,7 +33,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import ChatMessage, GenerationStep, ModelLoadError, ShouldStop, common_prefix_length, never, one_line
+from .base import (
+    ChatMessage,
+    GenerationStep,
+    ModelLoadError,
+    ShouldStop,
+    common_prefix_length,
+    never,
+    one_line,
+    role_lines,
+    system_prefix_length,
+)
 from .hub import model_folder
 
 logger = logging.getLogger(__name__)
@@ -136,9 +146,7 @@ class MlxChatModel:
         if tokenizer.has_chat_template:
             chat = [{"role": m.role, "content": m.content} for m in messages]
             return list(tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt))
-        # Base models have no template: a plain transcript that ends where the assistant's turn starts.
-        text = "".join(f"{m.role}: {m.content}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
-        return list(tokenizer.encode(text))
+        return list(tokenizer.encode(role_lines(messages, add_generation_prompt=add_generation_prompt)))
 
     # ---- prompt caches ----
 
@@ -153,15 +161,7 @@ class MlxChatModel:
 
     def _system_prefix_length(self, messages: Sequence[ChatMessage], prompt: Sequence[int]) -> int:
         """How many leading prompt tokens come from the system message alone (0 without one)."""
-        if not messages or messages[0].role != "system":
-            return 0
-        try:
-            alone = self._render(messages[:1], add_generation_prompt=False)
-        except Exception:  # some templates refuse a conversation without a user turn
-            logger.debug("chat template cannot render the system message alone; no system-prompt cache")
-            return 0
-        # Whatever the template does at the boundary, the tokens both renderings share are a valid KV prefix.
-        return common_prefix_length(alone, prompt)
+        return system_prefix_length(lambda m: self._render(m, add_generation_prompt=False), messages, prompt)
 
     def _system_cache(self, tokens: Sequence[int]) -> tuple[list[Any], bool]:
         """The (shared, read-only) cache of ``tokens``, computed on first use; True if it was already there."""
